@@ -1,0 +1,75 @@
+"""The reference exam layout: planes, label classes and phenotype columns.
+
+One home for every convention shared by the phantom, the dataset format, the
+model and the evaluation code (see ../shared/SPEC.md).
+
+An *exam* is a dict of numpy arrays (the dataset record; see
+`whmae.data.records`):
+
+  eid             str                     subject id
+  images          uint8   [S=9, T, H, W]  min-max over the exam, x255, rounded
+  labels          uint8   [S=9, T, H, W]  classes 0-5 (CLASS_NAMES)
+  phenotypes      float32 [18]            PHENOTYPE_COLUMNS order, NaN = missing
+  plane_mask      bool    [9]             plane acquired (False: absent, pixels meaningless)
+  label_mask      bool    [9]             plane has a segmentation (3ch never does)
+  pixel_spacing   float32 [9, 2]          (row, col) mm per pixel of each plane
+  slice_spacing   float32 []              mm between consecutive short-axis slices
+  frame_duration  float32 []              seconds per frame
+
+The split (train/val/test) is a function of the eid (`whmae.data.splits`).
+"""
+
+from __future__ import annotations
+
+NUM_PLANES = 9
+PLANE_NAMES = ("la_2ch", "la_3ch", "la_4ch", "sa_0", "sa_1", "sa_2", "sa_3", "sa_4", "sa_5")
+LONG_AXIS_PLANES = (0, 1, 2)
+SHORT_AXIS_PLANES = (3, 4, 5, 6, 7, 8)
+LA_2CH, LA_3CH, LA_4CH = LONG_AXIS_PLANES
+# Planes that carry labels in UK Biobank; the 3ch view has none.
+LABELLED_PLANES = (0, 2, 3, 4, 5, 6, 7, 8)
+
+CLASS_NAMES = ("background", "lv_blood_pool", "lv_myocardium", "rv_blood_pool", "la", "ra")
+NUM_CLASSES = len(CLASS_NAMES)
+BACKGROUND, LV_BLOOD_POOL, LV_MYOCARDIUM, RV_BLOOD_POOL, LA, RA = range(NUM_CLASSES)
+SHORT_AXIS_CLASSES = (LV_BLOOD_POOL, LV_MYOCARDIUM, RV_BLOOD_POOL)
+LONG_AXIS_CLASSES = (LA, RA)
+
+# Exact UK Biobank column names, in the order of the `phenotypes` vector.
+PHENOTYPE_COLUMNS = (
+    "LVEDV (mL)",
+    "LVESV (mL)",
+    "LVSV (mL)",
+    "LVEF (%)",
+    "LVCO (L/min)",
+    "LVM (g)",
+    "RVEDV (mL)",
+    "RVESV (mL)",
+    "RVSV (mL)",
+    "RVEF (%)",
+    "LAV max (mL)",
+    "LAV min (mL)",
+    "LASV (mL)",
+    "LAEF (%)",
+    "RAV max (mL)",
+    "RAV min (mL)",
+    "RASV (mL)",
+    "RAEF (%)",
+)
+NUM_PHENOTYPES = len(PHENOTYPE_COLUMNS)
+# The paper's regression targets.
+PAPER_PHENOTYPES = ("LVM (g)", "RVEF (%)", "RAEF (%)", "RVEDV (mL)", "LASV (mL)")
+
+
+def is_short_axis(plane: int) -> bool:
+    return plane in SHORT_AXIS_PLANES
+
+
+def phenotype_index(column: str) -> int:
+    """Position of a UK Biobank column name in the phenotype vector."""
+    try:
+        return PHENOTYPE_COLUMNS.index(column)
+    except ValueError:
+        raise KeyError(
+            f"unknown phenotype column {column!r}; expected one of {PHENOTYPE_COLUMNS}"
+        ) from None
