@@ -1,0 +1,172 @@
+"""The exam record codec, the sharded writer and dataset_info.json."""
+
+import json
+import shutil
+
+import grain
+import numpy as np
+import pytest
+from conftest import random_exam
+
+from whmae.data import records
+from whmae.data.records import RecordError
+from whmae.data.splits import SPLITS, split_of
+from whmae.layout import PHENOTYPE_COLUMNS
+
+
+def assert_same_exam(got: dict, want: dict):
+    assert set(got) == set(want)
+    assert got["eid"] == want["eid"]
+    for name in records.EXAM_FIELDS:
+        assert got[name].dtype == records.EXAM_FIELDS[name], name
+        assert got[name].shape == np.shape(want[name]), name
+        # Bitwise: NaN phenotypes must survive as NaN, so compare the raw bytes.
+        assert got[name].tobytes() == np.asarray(want[name]).tobytes(), name
+
+
+def test_encode_decode_is_bit_identical():
+    exam = random_exam(3)
+    assert_same_exam(records.decode_exam(records.encode_exam(exam)), exam)
+
+
+def test_decode_selected_fields_only():
+    exam = random_exam(4)
+    got = records.decode_exam(records.encode_exam(exam), fields=("images", "eid"))
+    assert set(got) == {"images", "eid"}
+    np.testing.assert_array_equal(got["images"], exam["images"])
+    with pytest.raises(RecordError, match="no field 'segmentation'"):
+        records.decode_exam(records.encode_exam(exam), fields=("segmentation",))
+
+
+def test_dataset_round_trip_every_exam_in_its_split(random_dataset):
+    data_dir, exams = random_dataset
+    seen = set()
+    for split in SPLITS:
+        paths = records.split_paths(data_dir, split)
+        if not paths:
+            continue
+        source = grain.sources.ArrayRecordDataSource(paths)
+        for i in range(len(source)):
+            exam = records.decode_exam(source[i])
+            assert split_of(exam["eid"]) == split
+            assert_same_exam(exam, exams[exam["eid"]])
+            seen.add(exam["eid"])
+    assert seen == set(exams)
+
+
+def test_dataset_info_counts_and_phenotype_stats(random_dataset):
+    data_dir, exams = random_dataset
+    info = records.read_dataset_info(data_dir)
+    assert info["image_shape"] == [9, 4, 16, 16]
+    assert info["phenotype_columns"] == list(PHENOTYPE_COLUMNS)
+    assert info["num_examples"] == 41
+    for split in SPLITS:
+        members = [e for e in exams.values() if split_of(e["eid"]) == split]
+        assert info["splits"][split]["num_examples"] == len(members)
+        if members:
+            values = np.stack([e["phenotypes"] for e in members]).astype(np.float64)
+            stats = info["splits"][split]["phenotype_stats"]["LVM (g)"]
+            column = values[:, PHENOTYPE_COLUMNS.index("LVM (g)")]
+            assert stats["count"] == np.count_nonzero(~np.isnan(column))
+            assert stats["mean"] == pytest.approx(np.nanmean(column), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: b"XXXX" + r[4:], "bad magic"),
+        (lambda r: r[: len(r) // 2], "truncated"),
+        (lambda r: r[:8] + b"{not json" + r[17:], "unreadable header"),
+        (lambda r: r[:5], "truncated"),
+        (lambda r: r[:40], "header of .* truncated"),
+    ],
+)
+def test_corrupt_record_names_where(damage, message):
+    record = records.encode_exam(random_exam(5))
+    with pytest.raises(RecordError, match=message) as err:
+        records.decode_exam(damage(record), where="train-00000-of-00001.array_record record 7")
+    assert "record 7" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e: e.update(images=e["images"].astype(np.float32)), "images must be uint8"),
+        (lambda e: e.update(images=e["images"][0]), r"images must be \[9, T, H, W\]"),
+        (lambda e: e.update(images=e["images"][:8], labels=e["labels"][:8]), "got shape"),
+        (lambda e: e.update(labels=e["labels"][:, :2]), "labels shape"),
+        (lambda e: e.update(labels=e["labels"] + 6), "outside classes"),
+        (lambda e: e.update(plane_mask=np.ones(8, bool)), "plane_mask must have shape"),
+        (lambda e: e.pop("phenotypes"), "missing fields \\['phenotypes'\\]"),
+        (lambda e: e.update(eid=1234), "eid"),
+    ],
+)
+def test_bad_exam_rejected_when_writing(tmp_path, change, message):
+    exams = [random_exam(i) for i in range(3)]
+    change(exams[1])
+    with pytest.raises(RecordError, match=message) as err:
+        records.write_shard(exams, tmp_path, 0, 1)
+    assert "exam #1" in str(err.value)
+    # An interrupted shard leaves nothing that looks complete, not even temporaries.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_shard_is_invisible_and_rewritable(tmp_path):
+    def exams_then_crash():
+        yield random_exam(0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        records.write_shard(exams_then_crash(), tmp_path, 0, 1)
+    assert records.read_shard_markers(tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+    counts = records.write_shard([random_exam(0), random_exam(1)], tmp_path, 0, 1)
+    assert sum(counts.values()) == 2
+    assert set(records.read_shard_markers(tmp_path)) == {0}
+
+
+def test_finalize_refuses_missing_shard_and_mixed_shapes(tmp_path):
+    records.write_shard([random_exam(0)], tmp_path, 0, 2)
+    with pytest.raises(RecordError, match=r"shards \[1\] of 2"):
+        records.finalize_dataset(tmp_path, {})
+    records.write_shard([random_exam(1, size=8)], tmp_path, 1, 2)
+    with pytest.raises(RecordError, match="different image shapes"):
+        records.finalize_dataset(tmp_path, {})
+
+
+def test_duplicate_eid_across_shards_refused(tmp_path):
+    records.write_shard([random_exam(0)], tmp_path, 0, 2)
+    records.write_shard([random_exam(0)], tmp_path, 1, 2)
+    with pytest.raises(RecordError, match="1000000"):
+        records.finalize_dataset(tmp_path, {})
+
+
+def test_reading_bad_dataset_directories(tmp_path, random_dataset):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        records.read_dataset_info(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dataset_info.json is missing"):
+        records.read_dataset_info(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(random_dataset[0], copy)
+    with pytest.raises(ValueError, match="unknown split 'training'"):
+        records.split_paths(copy, "training")
+    info = json.loads((copy / records.INFO_FILE).read_text())
+    lost = info["splits"]["train"]["files"][1]
+    (copy / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{lost} is listed"):
+        records.read_dataset_info(copy)
+
+
+def test_quantize_error_within_half_a_level():
+    rng = np.random.default_rng(0)
+    images = rng.normal(300.0, 80.0, (9, 3, 8, 8)).astype(np.float32)
+    plane_mask = np.ones(9, bool)
+    plane_mask[1] = False
+    images[1] = 1e6  # an absent plane must not set the intensity range
+    q = records.quantize_images(images, plane_mask)
+    present = images[plane_mask]
+    lo, hi = present.min(), present.max()
+    restored = q[plane_mask].astype(np.float64) / 255 * (hi - lo) + lo
+    assert np.abs(restored - present).max() <= (hi - lo) / 510 * (1 + 1e-4)
+    assert q[plane_mask].min() == 0 and q[plane_mask].max() == 255
+    assert not q[1].any()

@@ -1,0 +1,134 @@
+"""The Grain input pipeline: exam records -> per-process batches of uint8 numpy arrays.
+
+Order of operations (why each is where it is):
+  source -> seed -> shuffle (global, one permutation per epoch) -> repeat
+  -> slice [process_index::process_count] (after the global shuffle, so the processes
+     partition every epoch with no overlap and no loss)
+  -> map(decode) (zero-copy views into the record) -> batch (the only copy)
+  -> to_iter_dataset (thread prefetch) [-> mp_prefetch when worker_count > 0]
+
+Batches stay uint8 on the host; normalisation to float happens on the device, which
+keeps the host-to-device traffic 4x smaller than float32.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+import grain
+import numpy as np
+
+from whmae.data.records import RecordError, decode_exam, read_dataset_info, split_paths
+
+__all__ = ["dataset_info", "make_pipeline", "num_examples"]
+
+
+def dataset_info(data_dir: str | os.PathLike) -> dict:
+    """The checked dataset_info.json of a dataset directory (see whmae.data.records)."""
+    return read_dataset_info(data_dir)
+
+
+def num_examples(data_dir: str | os.PathLike, split: str) -> int:
+    """Number of exams in one split (all processes together)."""
+    split_paths(data_dir, split)  # validates the split name and the shard files
+    return int(dataset_info(data_dir)["splits"][split]["num_examples"])
+
+
+def _with_index(index: int, record: bytes) -> tuple[int, bytes]:
+    return index, record
+
+
+class _Decode:
+    """(record index, record bytes) -> exam dict of the requested fields.
+
+    A class (not a closure) so that mp_prefetch workers can pickle it; it knows which
+    file each record index lives in, so a corrupt record is reported by file and index.
+    """
+
+    def __init__(self, paths: list[str], counts: list[int], fields: tuple[str, ...]):
+        self.paths, self.fields = paths, fields
+        self.starts = np.cumsum([0, *counts[:-1]]).tolist()
+
+    def __call__(self, indexed_record) -> dict:
+        index, record = indexed_record
+        file = bisect.bisect_right(self.starts, index) - 1
+        where = f"{self.paths[file]} record {index - self.starts[file]}"
+        exam = decode_exam(record, self.fields, where)
+        if "eid" in exam:  # a 0-d unicode array, so that batching stacks it into [B]
+            exam["eid"] = np.asarray(exam["eid"])
+        return exam
+
+
+def make_pipeline(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int,
+    seed: int = 0,
+    fields=("images", "plane_mask"),
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    read_threads: int = 4,
+    prefetch_batches: int = 4,
+) -> grain.DatasetIterator:
+    """An iterator of batches for this process: dicts of numpy arrays.
+
+    Each field f of the exam schema (whmae.layout) comes back stacked as [B, *shape(f)]:
+    images uint8 [B, 9, T, H, W], plane_mask bool [B, 9], eid unicode [B], ...
+    batch_size is per process. num_epochs None repeats forever. Deterministic given
+    `seed` (and independent of worker_count / read_threads). The iterator's state is
+    saved with `grain.checkpoint.CheckpointSave(it)` (Orbax) or `it.get_state()`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if process_index is None or process_count is None:
+        import jax  # only when the caller does not say which process this is
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    fields = tuple(fields)
+    info = dataset_info(data_dir)
+    paths = split_paths(data_dir, split, info)
+    if not paths:
+        raise RecordError(f"{data_dir}: split {split!r} has no exams")
+    source = grain.sources.ArrayRecordDataSource(paths)
+    counts = _file_counts(paths)
+    if sum(counts) != info["splits"][split]["num_examples"]:
+        raise RecordError(
+            f"{data_dir}: split {split!r} files hold {sum(counts)} records but "
+            f"dataset_info.json says {info['splits'][split]['num_examples']}"
+        )
+
+    ds = grain.MapDataset.source(source).map_with_index(_with_index).seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_Decode(paths, counts, fields))
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+    )
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it)
+
+
+def _file_counts(paths: list[str]) -> list[int]:
+    from array_record.python import array_record_module
+
+    counts = []
+    for path in paths:
+        reader = array_record_module.ArrayRecordReader(path)
+        counts.append(reader.num_records())
+        reader.close()
+    return counts
