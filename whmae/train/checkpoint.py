@@ -113,6 +113,13 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_arrays(self, step: int) -> Any:
+        """The raw state tree saved at `step` as host numpy arrays (for inspection)."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return jax.tree.map(np.asarray, restored["state"])
+
     def restore_config(self, step: int) -> dict:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
