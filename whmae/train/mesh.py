@@ -82,27 +82,50 @@ def logical_rules(rules: str | Sequence[Sequence[str | None]]) -> Rules:
 
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
-) -> tuple[PartitionSpec, set[str]]:
-    """(spec, mesh axes wanted but left unused) for one array.
+) -> tuple[PartitionSpec, list[tuple[str, int, str]]]:
+    """(spec, misfits) for one array; misfits: (logical name, dim size, mesh axis) of dims
+    a rule wanted on a mesh axis it does not divide, where the array then left that axis
+    unused (replicated over it).
 
-    Like `flax.linen.logical_to_mesh_axes` (first rule whose mesh axis is still free
-    wins), but dims are served largest first and a mesh axis is only taken where it
-    divides the dim, so an odd width falls back to replication instead of failing.
+    Like `flax.linen.logical_to_mesh_axes` (the first rule whose mesh axis is still free
+    wins), but dims are served largest first, a mesh axis is only taken where it divides
+    the dim, and an axis left over may stack onto a dim that already has one
+    (`mlp` -> ("tensor", "fsdp")), so odd widths fall back instead of failing.
     """
     if len(logical) != len(shape):
         raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
-    spec: list[str | None] = [None] * len(shape)
-    wanted, used = set(), set()
-    for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
-        for name, axis in rules:
-            if name != logical[dim] or axis is None or axis in used:
+    spec: list[tuple[str, ...]] = [()] * len(shape)
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    used: set[str] = set()
+    wanted: list[tuple[int, str]] = []
+
+    def try_take(dim: int, axis: str) -> bool:
+        if axis in used or shape[dim] % (
+            math.prod(mesh.shape[a] for a in spec[dim]) * mesh.shape[axis]
+        ):
+            return False
+        spec[dim] += (axis,)
+        used.add(axis)
+        return True
+
+    for stacking in (False, True):
+        for dim in order:
+            if spec[dim] and not stacking:
                 continue
-            wanted.add(axis)
-            if shape[dim] % mesh.shape[axis] == 0:
-                spec[dim] = axis
-                used.add(axis)
-                break
-    return PartitionSpec(*spec), {a for a in wanted - used if mesh.shape[a] > 1}
+            for name, axis in rules:
+                if name != logical[dim] or axis is None:
+                    continue
+                if not stacking:
+                    wanted.append((dim, axis))
+                if try_take(dim, axis) and not stacking:
+                    break
+    misfits = [
+        (logical[dim], shape[dim], axis)
+        for dim, axis in wanted
+        if axis not in used and mesh.shape[axis] > 1
+    ]
+    entries = [None if not axes else axes[0] if len(axes) == 1 else axes for axes in spec]
+    return PartitionSpec(*entries), misfits
 
 
 def _field(config: Any, name: str) -> Any:
@@ -121,31 +144,30 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     RNG keys, the step) is replicated. One warning line per distinct array shape that
     could not use a mesh axis its rules asked for.
     """
-    missed: dict = {}
+    misfits: dict = {}
 
     def one(path, leaf):
         if not isinstance(leaf, nnx.Variable):
             return NamedSharding(mesh, PartitionSpec())
         shape = tuple(np.shape(leaf.get_value()))
         logical = leaf.get_metadata().get("out_sharding") or (None,) * len(shape)
-        spec, unused = logical_to_spec(tuple(logical), shape, mesh, rules)
-        if unused:
-            key = (tuple(logical), shape, tuple(sorted(unused)))
-            missed.setdefault(key, []).append(_path_name(path))
+        spec, misfit = logical_to_spec(tuple(logical), shape, mesh, rules)
+        for cause in set(misfit):
+            misfits.setdefault(cause, []).append(_path_name(path))
         return leaf.replace(NamedSharding(mesh, spec))
 
     shardings = jax.tree_util.tree_map_with_path(
         one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-    for (logical, shape, axes), names in missed.items():
+    for (name, size, axis), paths in misfits.items():
         log.warning(
-            "sharding: %s %s does not divide over mesh axes %s; replicated there in %d "
-            "arrays (e.g. %s)",
-            logical,
-            shape,
-            {a: mesh.shape[a] for a in axes},
-            len(names),
-            names[0],
+            "sharding: %r dim %d does not split over %s=%d; replicated in %d arrays (e.g. %s)",
+            name,
+            size,
+            axis,
+            mesh.shape[axis],
+            len(paths),
+            paths[0],
         )
     return shardings
 

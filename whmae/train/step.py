@@ -35,14 +35,21 @@ class TrainState:
 
 
 def _build(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, seed: int):
-    """(graphdef, init) where `init()` returns the TrainState (trace it under jit)."""
+    """(graphdef, init, shapes): `init()` returns the TrainState (trace it under jit),
+    `shapes` is its abstract tree from a single abstract trace of the model."""
 
     def create():
         # Shardings are applied by jit's out_shardings, not per Variable at creation.
         with nnx.use_eager_sharding(False):
             return model_fn(nnx.Rngs(seed))
 
-    graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        rest=rest,
+        opt_state=jax.eval_shape(tx.init, params),
+    )
 
     def init() -> TrainState:
         _, params, rest = nnx.split(create(), nnx.Param, ...)
@@ -50,7 +57,7 @@ def _build(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, seed: int):
             step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
         )
 
-    return graphdef, init
+    return graphdef, init, shapes
 
 
 def abstract_state(
@@ -60,8 +67,7 @@ def abstract_state(
 
     The abstract tree is what Orbax restores into: any mesh and rules, no allocation.
     """
-    graphdef, init = _build(model_fn, tx, seed)
-    shapes = jax.eval_shape(init)
+    graphdef, _, shapes = _build(model_fn, tx, seed)
     shardings = tree_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
@@ -73,8 +79,8 @@ def init_train_state(
     model_fn: Callable[[nnx.Rngs], nnx.Module], tx, mesh: Mesh, rules: Rules, seed: int
 ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, state, state_shardings); parameters materialise directly sharded."""
-    graphdef, init = _build(model_fn, tx, seed)
-    shardings = tree_shardings(jax.eval_shape(init), mesh, rules)
+    graphdef, init, shapes = _build(model_fn, tx, seed)
+    shardings = tree_shardings(shapes, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 

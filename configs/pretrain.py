@@ -1,0 +1,84 @@
+"""MAE pretraining configs: `--config configs/pretrain.py:VARIANT`, VARIANT one of
+
+  paper  the reference exactly: D 1025, 5 heads, 6 encoder + 2 decoder blocks at full
+         width, MLP 4100, exact GELU, LN eps 1e-5, loss over all tokens, sigmoid head,
+         Adam lr 1e-4 constant, no weight decay, batch 1, float32.
+  base   improved: loss on masked tokens, norm-pix targets, lightweight decoder
+         (513 wide, 4 blocks), AdamW warmup + cosine, wd 0.05, clipping, bfloat16.
+  tiny   CPU tests and demo: 32x32, 10 frames, patch (5, 8, 8), a few steps.
+
+Any field can be overridden, e.g. `--config.mesh.fsdp=8 --config.data.batch_size=256`.
+`data.batch_size` is the global batch of one train-step call; with
+`optim.grad_accum_steps = k` an update sees k of them and `train.steps` counts calls.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from whmae.model.config import MAEConfig, tiny_config
+
+VARIANTS = ("paper", "base", "tiny")
+
+
+def _model(model_config: MAEConfig) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(model_config))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "paper"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pretrain variant {variant!r}; expected one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.data = dict(dir=None, batch_size=1, worker_count=0, seed=0)
+    c.optim = dict(
+        name="adam",
+        lr=1e-4,
+        warmup_steps=0,
+        weight_decay=0.0,
+        min_lr_ratio=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=0.0,
+        grad_accum_steps=1,
+    )
+    # data=-1: every device not used by fsdp/tensor does data parallelism.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="fsdp")
+    c.train = dict(
+        steps=100_000,
+        seed=0,
+        log_every=100,
+        checkpoint_every=2_000,
+        keep_checkpoints=3,
+        eval_every=5_000,
+        distributed="auto",
+    )
+
+    if variant == "paper":
+        c.model = _model(MAEConfig())
+        c.mesh.rules = "dp"
+    elif variant == "base":
+        c.model = _model(
+            MAEConfig(
+                decoder_width=513,
+                decoder_depth=4,
+                decoder_num_heads=9,
+                decoder_mlp_dim=2052,
+                loss_on="masked",
+                norm_pix_loss=True,
+                dtype="bfloat16",
+            )
+        )
+        c.data.batch_size = 64
+        c.data.worker_count = 4
+        c.optim.update(
+            name="adamw", lr=2e-4, warmup_steps=2_000, weight_decay=0.05, b2=0.95, clip_norm=1.0
+        )
+    else:  # tiny
+        c.model = _model(tiny_config())
+        c.data.batch_size = 8
+        c.optim.update(name="adamw", lr=1e-3, warmup_steps=2, weight_decay=0.05, clip_norm=1.0)
+        c.train.update(steps=20, log_every=5, checkpoint_every=10, eval_every=10)
+    return c
