@@ -12,9 +12,10 @@ die() {
   exit "$status"
 }
 
-# Exit with an error unless option $1 has a value ($2 is the number of words left).
+# Exit unless option $1 has a value: $2 is the number of words left, $3 the next word
+# (an option such as --dry-run is taken for a forgotten value, except after --sbatch-option).
 need_value() {
-  if (($2 < 2)); then
+  if (($2 < 2)) || [[ $3 == --* && $1 != --sbatch-option ]]; then
     die "option $1 needs a value (see --help)"
   fi
 }

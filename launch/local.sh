@@ -62,14 +62,14 @@ while (($#)); do
   fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --module) need_value "$1" $#; module=$2; shift 2 ;;
-    --config) need_value "$1" $#; config=$2; shift 2 ;;
-    --workdir) need_value "$1" $#; workdir=$2; shift 2 ;;
-    --processes) need_value "$1" $#; processes=$2; shift 2 ;;
-    --gpus-per-process) need_value "$1" $#; gpus_per_process=$2; shift 2 ;;
-    --cpu-devices-per-process) need_value "$1" $#; cpu_devices=$2; shift 2 ;;
-    --port) need_value "$1" $#; port=$2; shift 2 ;;
-    --python) need_value "$1" $#; python=$2; shift 2 ;;
+    --module) need_value "$1" $# "${2-}"; module=$2; shift 2 ;;
+    --config) need_value "$1" $# "${2-}"; config=$2; shift 2 ;;
+    --workdir) need_value "$1" $# "${2-}"; workdir=$2; shift 2 ;;
+    --processes) need_value "$1" $# "${2-}"; processes=$2; shift 2 ;;
+    --gpus-per-process) need_value "$1" $# "${2-}"; gpus_per_process=$2; shift 2 ;;
+    --cpu-devices-per-process) need_value "$1" $# "${2-}"; cpu_devices=$2; shift 2 ;;
+    --port) need_value "$1" $# "${2-}"; port=$2; shift 2 ;;
+    --python) need_value "$1" $# "${2-}"; python=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown argument '$1' (program arguments go after --; see --help)" ;;
@@ -122,7 +122,8 @@ if ((processes > 1)) && [[ -z $cpu_devices ]]; then
 fi
 
 if ((processes > 1)) && [[ -z $port ]]; then
-  port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') ||
+  find_port='import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  port=$("$python" -c "$find_port") ||
     die "could not run '$python' to find a free port (set --python or --port)"
 fi
 

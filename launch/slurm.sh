@@ -72,21 +72,21 @@ while (($#)); do
   fi
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --workdir) need_value "$1" $#; workdir=$2; shift 2 ;;
-    --module) need_value "$1" $#; module=$2; shift 2 ;;
-    --config) need_value "$1" $#; config=$2; shift 2 ;;
-    --account) need_value "$1" $#; account=$2; shift 2 ;;
-    --partition) need_value "$1" $#; partition=$2; shift 2 ;;
-    --nodes) need_value "$1" $#; nodes=$2; shift 2 ;;
-    --gpus-per-node) need_value "$1" $#; gpus_per_node=$2; shift 2 ;;
-    --tasks-per-node) need_value "$1" $#; tasks_per_node=$2; shift 2 ;;
-    --cpus-per-task) need_value "$1" $#; cpus_per_task=$2; shift 2 ;;
-    --time) need_value "$1" $#; time_limit=$2; shift 2 ;;
-    --job-name) need_value "$1" $#; job_name=$2; shift 2 ;;
-    --sbatch-option) need_value "$1" $#; sbatch_options+=("$2"); shift 2 ;;
-    --venv) need_value "$1" $#; venv=$2; shift 2 ;;
-    --template) need_value "$1" $#; template=$2; shift 2 ;;
-    --script) need_value "$1" $#; script=$2; shift 2 ;;
+    --workdir) need_value "$1" $# "${2-}"; workdir=$2; shift 2 ;;
+    --module) need_value "$1" $# "${2-}"; module=$2; shift 2 ;;
+    --config) need_value "$1" $# "${2-}"; config=$2; shift 2 ;;
+    --account) need_value "$1" $# "${2-}"; account=$2; shift 2 ;;
+    --partition) need_value "$1" $# "${2-}"; partition=$2; shift 2 ;;
+    --nodes) need_value "$1" $# "${2-}"; nodes=$2; shift 2 ;;
+    --gpus-per-node) need_value "$1" $# "${2-}"; gpus_per_node=$2; shift 2 ;;
+    --tasks-per-node) need_value "$1" $# "${2-}"; tasks_per_node=$2; shift 2 ;;
+    --cpus-per-task) need_value "$1" $# "${2-}"; cpus_per_task=$2; shift 2 ;;
+    --time) need_value "$1" $# "${2-}"; time_limit=$2; shift 2 ;;
+    --job-name) need_value "$1" $# "${2-}"; job_name=$2; shift 2 ;;
+    --sbatch-option) need_value "$1" $# "${2-}"; sbatch_options+=("$2"); shift 2 ;;
+    --venv) need_value "$1" $# "${2-}"; venv=$2; shift 2 ;;
+    --template) need_value "$1" $# "${2-}"; template=$2; shift 2 ;;
+    --script) need_value "$1" $# "${2-}"; script=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown argument '$1' (program arguments go after --; see --help)" ;;
@@ -94,14 +94,14 @@ while (($#)); do
 done
 
 [[ -n $workdir ]] || die "--workdir is required (a directory on a filesystem all nodes share)"
-[[ $workdir != *://* ]] || die "--workdir $workdir: SLURM logs need a shared filesystem path, not a URL"
+[[ $workdir != *://* ]] || die "--workdir $workdir: SLURM needs a shared filesystem path, not a URL"
 [[ $workdir =~ ^[^[:space:]]+$ ]] || die "--workdir '$workdir' must not contain whitespace"
 [[ -n $module ]] || die "--module must not be empty"
 require_int --nodes "$nodes" 1
 require_int --gpus-per-node "$gpus_per_node" 0
 [[ -z $cpus_per_task ]] || require_int --cpus-per-task "$cpus_per_task" 1
-[[ $time_limit =~ ^[0-9:-]+$ ]] || die "--time must look like HH:MM:SS or D-HH:MM:SS, got '$time_limit'"
-[[ $job_name =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job-name '$job_name' may use only letters, digits, _ . -"
+[[ $time_limit =~ ^[0-9:-]+$ ]] || die "--time must look like HH:MM:SS or D-HH:MM:SS: '$time_limit'"
+[[ $job_name =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job-name '$job_name': letters, digits, _ . - only"
 for name in account partition; do
   [[ ${!name} =~ ^[^[:space:]]*$ ]] || die "--$name '${!name}' must not contain whitespace"
 done

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Remote commands are single-quoted on purpose: $HOME and friends expand on the workers.
+# shellcheck disable=SC2016
 # Create a Cloud TPU VM slice, install whmae on every worker, run one program on all workers
 # (one JAX process per worker), and tear the slice down.
 set -euo pipefail
@@ -83,23 +85,23 @@ while (($#)); do
     create | setup | run | delete | all)
       [[ -z $subcommand ]] || die "two subcommands given: '$subcommand' and '$1'"
       subcommand=$1; shift ;;
-    --name) need_value "$1" $#; name=$2; shift 2 ;;
-    --zone) need_value "$1" $#; zone=$2; shift 2 ;;
-    --project) need_value "$1" $#; project=$2; shift 2 ;;
-    --accelerator-type) need_value "$1" $#; accelerator_type=$2; shift 2 ;;
-    --version) need_value "$1" $#; runtime_version=$2; shift 2 ;;
+    --name) need_value "$1" $# "${2-}"; name=$2; shift 2 ;;
+    --zone) need_value "$1" $# "${2-}"; zone=$2; shift 2 ;;
+    --project) need_value "$1" $# "${2-}"; project=$2; shift 2 ;;
+    --accelerator-type) need_value "$1" $# "${2-}"; accelerator_type=$2; shift 2 ;;
+    --version) need_value "$1" $# "${2-}"; runtime_version=$2; shift 2 ;;
     --spot | --preemptible)
       [[ -z $capacity || $capacity == "$1" ]] || die "--spot and --preemptible exclude each other"
       capacity=$1; shift ;;
     --reuse) reuse=1; shift ;;
-    --bucket) need_value "$1" $#; bucket=$2; shift 2 ;;
-    --data-dir) need_value "$1" $#; data_dir=$2; shift 2 ;;
-    --workdir) need_value "$1" $#; workdir=$2; shift 2 ;;
-    --module) need_value "$1" $#; module=$2; shift 2 ;;
-    --config) need_value "$1" $#; config=$2; shift 2 ;;
-    --ref) need_value "$1" $#; ref=$2; shift 2 ;;
-    --jax-spec) need_value "$1" $#; jax_spec=$2; shift 2 ;;
-    --python-version) need_value "$1" $#; python_version=$2; shift 2 ;;
+    --bucket) need_value "$1" $# "${2-}"; bucket=$2; shift 2 ;;
+    --data-dir) need_value "$1" $# "${2-}"; data_dir=$2; shift 2 ;;
+    --workdir) need_value "$1" $# "${2-}"; workdir=$2; shift 2 ;;
+    --module) need_value "$1" $# "${2-}"; module=$2; shift 2 ;;
+    --config) need_value "$1" $# "${2-}"; config=$2; shift 2 ;;
+    --ref) need_value "$1" $# "${2-}"; ref=$2; shift 2 ;;
+    --jax-spec) need_value "$1" $# "${2-}"; jax_spec=$2; shift 2 ;;
+    --python-version) need_value "$1" $# "${2-}"; python_version=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
@@ -107,7 +109,7 @@ while (($#)); do
   esac
 done
 
-[[ -n $subcommand ]] || die "a subcommand is required: create, setup, run, delete or all (see --help)"
+[[ -n $subcommand ]] || die "a subcommand is required: create, setup, run, delete or all"
 [[ -n $name ]] || die "--name is required"
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--name '$name' must be lower-case letters, digits and -, starting with a letter"
@@ -118,7 +120,7 @@ if wants create; then
   [[ -n $runtime_version ]] || die "$subcommand needs --version (e.g. v2-alpha-tpuv5-lite)"
 fi
 if wants run; then
-  [[ -n $bucket ]] || die "$subcommand needs --bucket gs://BUCKET[/PREFIX] (data and runs live there)"
+  [[ -n $bucket ]] || die "$subcommand needs --bucket gs://BUCKET[/PREFIX] for data and runs"
   [[ -n $module ]] || die "--module must not be empty"
   bucket=${bucket%/}
   data_dir=${data_dir:-$bucket/data}
@@ -204,10 +206,13 @@ do_run() {
     'cd $HOME/whmae' 'source $HOME/whmae-venv/bin/activate' 'mkdir -p $HOME/whmae-logs'
     "worker=\$(curl -sf -H 'Metadata-Flavor: Google' $metadata/agent-worker-number || hostname)"
     'log=$HOME/whmae-logs/worker$worker.log'
-    # Keep the program's status through tee, and save the log to the bucket either way.
-    "{ PYTHONUNBUFFERED=1 $(quote_cmd "${program[@]}") 2>&1 | tee \$log; status=\${PIPESTATUS[0]};"\
-" gcloud storage cp \$log $copy_to || echo \"worker \$worker: could not copy \$log\"; }"
   )
+  # Keep the program's status through tee, and save the log to the bucket either way.
+  local pipeline
+  pipeline="{ PYTHONUNBUFFERED=1 $(quote_cmd "${program[@]}") 2>&1 | tee \$log;"
+  pipeline+=' status=${PIPESTATUS[0]};'
+  pipeline+=" gcloud storage cp \$log $copy_to || echo \"worker \$worker: could not copy \$log\"; }"
+  steps+=("$pipeline")
   local remote="" step
   for step in "${steps[@]}"; do remote+="${remote:+ && }$step"; done
   remote="status=1; $remote; exit \$status"
