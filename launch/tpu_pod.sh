@@ -33,7 +33,8 @@ Options:
   --spot | --preemptible   create/all: a Spot or preemptible slice
   --reuse                  create/all: keep an existing slice of that name
   --bucket gs://B[/P]      run/all: bucket path for data and runs
-  --data-dir gs://...      run/all: passed as --config.data.dir (default: BUCKET/data)
+  --data-dir PATH          run/all: passed as --config.data.dir (default: BUCKET/data); a
+                           gs:// path or the same absolute path on every worker
   --workdir gs://...       run/all: passed as --workdir (default: BUCKET/runs/NAME)
   --module NAME            run/all: Python module (default: whmae.pretrain)
   --config SPEC            run/all: passed as --config SPEC, e.g. configs/pretrain.py:base
@@ -125,10 +126,13 @@ if wants run; then
   bucket=${bucket%/}
   data_dir=${data_dir:-$bucket/data}
   workdir=${workdir:-$bucket/runs/$name}
-  for option in bucket data_dir workdir; do
+  for option in bucket workdir; do
     [[ ${!option} == gs://?* ]] ||
-      die "--${option//_/-} '${!option}' must be a gs:// path (every worker reads and writes it)"
+      die "--$option '${!option}' must be a gs:// path (every worker reads and writes it)"
   done
+  # Data may also sit at the same absolute path on every worker (a gcsfuse mount, a disk).
+  [[ $data_dir == gs://?* || $data_dir == /?* ]] ||
+    die "--data-dir '$data_dir' must be a gs:// path or an absolute path on the workers"
 elif ((${#extra[@]})); then
   die "program arguments after -- only apply to run and all, not $subcommand"
 fi

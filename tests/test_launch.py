@@ -447,6 +447,10 @@ def test_tpu_run_command_keeps_status_and_saves_each_worker_log(fakes, tmp_path)
         (["create", "--name", "n", "--zone", "z", "--version", "v"], "needs --accelerator-type"),
         (["run", "--name", "n", "--zone", "z", "--bucket", "/local/dir"], "must be a gs:// path"),
         (["run", "--name", "n", "--zone", "z"], "needs --bucket"),
+        (
+            ["run", "--name", "n", "--zone", "z", "--bucket", "gs://b", "--data-dir", "rel/data"],
+            "gs:// path or an absolute path",
+        ),
         (["delete", "--name", "n", "--zone", "z", "--", "--x=1"], "only apply to run and all"),
         (["create", "create", "--name", "n"], "two subcommands"),
         (["all", "--spot", "--preemptible"], "exclude each other"),
