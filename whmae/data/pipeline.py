@@ -119,6 +119,11 @@ def make_pipeline(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
     )
     if worker_count > 0:
+        from absl import flags
+
+        # Grain reads its absl flags in the workers; scripts without absl.app never parse them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it)
 
