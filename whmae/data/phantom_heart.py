@@ -169,7 +169,8 @@ def sample_heart(rng: np.random.Generator, frames: int, size: float) -> tuple[He
         "ra_ef": bounded(e[8], 36.5, 59.0),
     }
     phase = np.arange(frames) / frames
-    es_phase = rng.uniform(0.30, 0.40)
+    # ES and the atrial peaks fall on frames, so the sampled cycle reaches its targets.
+    es_phase = max(round(rng.uniform(0.30, 0.40) * frames), 1) / frames
     atrial_kick = rng.uniform(0.80, 0.85)
     early_filling = rng.uniform(0.55, 0.8)
     # LV: 1 at ED, 0 at ES; rapid filling, diastasis, atrial kick.
@@ -233,7 +234,7 @@ def sample_heart(rng: np.random.Generator, frames: int, size: float) -> tuple[He
     # Atria: reservoir filling in ventricular systole, conduit, then atrial contraction.
     atria = {}
     for name, elong, flat in (("la", (1.25, 1.55), (0.85, 1.15)), ("ra", (1.2, 1.5), (0.94, 1.06))):
-        peak = es_phase + rng.uniform(0.0, 0.06)
+        peak = es_phase + round(rng.uniform(0.0, 0.06) * frames) / frames
         passive = rng.uniform(0.45, 0.65)
         curve = (
             ramp(phase, 0.0, peak)
