@@ -243,6 +243,28 @@ def _noise(rng: np.random.Generator, shape) -> np.ndarray:
     return noise
 
 
+# Later classes overwrite earlier ones (the myocardium's ellipsoid contains the LV pool).
+_PAINT_ORDER = (
+    layout.RV_BLOOD_POOL,
+    layout.LV_MYOCARDIUM,
+    layout.LV_BLOOD_POOL,
+    layout.LA,
+    layout.RA,
+)
+
+
+def _class_voxels(label: int, d: dict[str, np.ndarray], plane: int) -> np.ndarray:
+    """bool [T, H, W]: the voxels of class `label` on one plane, from the signed distances."""
+    if label == layout.RV_BLOOD_POOL:
+        return d["rv_blood"][plane] < 0
+    if label == layout.LV_MYOCARDIUM:
+        return (d["lv_epi"][plane] < 0) & d["below"][plane]
+    if label == layout.LV_BLOOD_POOL:
+        return d["lv_blood"][plane] < 0
+    atrium = "la" if label == layout.LA else "ra"
+    return (d[atrium][plane] < 0) & ~d["below"][plane]
+
+
 def render_planes(
     subject: Subject, planes: PlaneGeometry, views: tuple[str, ...], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -268,17 +290,14 @@ def render_planes(
     below = d["below_base"] <= 0
     rv_blood = np.maximum(np.maximum(d["rv"], -d["lv_epi"]), d["below_base"])
     lv_blood = np.maximum(d["lv_endo"], d["below_base"])
+    distances = {**d, "lv_blood": lv_blood, "rv_blood": rv_blood, "below": below}
     labels = np.zeros(rv_blood.shape, np.uint8)
-    labels[rv_blood < 0] = layout.RV_BLOOD_POOL
-    labels[(d["lv_epi"] < 0) & below] = layout.LV_MYOCARDIUM
-    labels[lv_blood < 0] = layout.LV_BLOOD_POOL
-    labels[(d["la"] < 0) & ~below] = layout.LA
-    labels[(d["ra"] < 0) & ~below] = layout.RA
-    del below
-    keep = np.zeros((len(views), layout.NUM_CLASSES), np.uint8)
     for plane, view in enumerate(views):
-        keep[plane, list(_VIEW_CLASSES[view])] = list(_VIEW_CLASSES[view])
-    labels = keep[np.arange(len(views))[:, None, None, None], labels]
+        for label in _PAINT_ORDER:
+            if label in _VIEW_CLASSES[view]:
+                inside = _class_voxels(label, distances, plane)
+                np.copyto(labels[plane], np.uint8(label), where=inside)
+    del below, distances
 
     # Pericardial fat around every chamber, then the walls (with a 3 mm AV-plane cap), blood.
     atria = np.minimum(d["la"], d["ra"])
