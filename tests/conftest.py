@@ -40,3 +40,16 @@ def random_dataset(tmp_path_factory):
         write_shard(exams[shard::3], out, shard, 3)
     finalize_dataset(out, {"maker": "tests.conftest.random_exam", "num_exams": 41})
     return out, {e["eid"]: e for e in exams}
+
+
+TINY_DATASET = {"num_exams": 24, "size": 32, "frames": 10, "seed": 0, "num_shards": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Path of a phantom dataset: 24 exams, images [9, 10, 32, 32], seed 0, 2 shards."""
+    from whmae.data.generate import generate_dataset
+
+    out = tmp_path_factory.mktemp("tiny_dataset")
+    generate_dataset(out, **TINY_DATASET, workers=1, progress=False, figure=False)
+    return out

@@ -170,3 +170,21 @@ def test_quantize_error_within_half_a_level():
     assert np.abs(restored - present).max() <= (hi - lo) / 510 * (1 + 1e-4)
     assert q[plane_mask].min() == 0 and q[plane_mask].max() == 255
     assert not q[1].any()
+
+
+def test_quantisation_cost_on_a_phantom_exam():
+    """The documented bound on real (rendered float) phantom images."""
+    from whmae.data import phantom
+
+    config = phantom.PhantomConfig(size=32, frames=6, seed=0)
+    subject = phantom.sample_subject(config, 0)
+    views = ("la_2ch", "la_3ch", "la_4ch") + ("short_axis",) * 6
+    images, _ = phantom.render_planes(
+        subject, phantom.exam_planes(config, subject), views, np.random.default_rng(0)
+    )
+    q = records.quantize_images(images)
+    lo, hi = float(images.min()), float(images.max())
+    error = q.astype(np.float64) / 255 * (hi - lo) + lo - images
+    assert np.abs(error).max() <= (hi - lo) / 510 * (1 + 1e-4)
+    rms = np.sqrt(np.mean(error**2)) / (hi - lo)
+    assert rms == pytest.approx(1 / (255 * np.sqrt(12)), rel=0.1)
