@@ -320,3 +320,18 @@ def test_flops_match_spec_and_xla_cost_analysis(model, batch):
     )
     xla_flops = lowered.compile().cost_analysis()["flops"] / 2
     assert 0.9 < xla_flops / flops_per_exam(CONFIG) < 1.35, xla_flops / flops_per_exam(CONFIG)
+
+
+def test_short_axis_only_model_ignores_long_axis_planes(batch):
+    model = make_model(planes=(3, 4, 5, 6, 7, 8))
+    assert model.config.num_tokens == 6 * TOKENS_PER_PLANE
+    images, _ = batch
+    run = jitted(model, lambda m, i, p: embeddings(m, i, p))
+    all_present = jnp.ones((2, 9), bool)
+    cls, mean = run(images, all_present)
+    # Long-axis pixels and flags are not the model's input at all.
+    cls2, mean2 = run(images.at[:, :3].set(0.0), all_present.at[:, :3].set(False))
+    np.testing.assert_array_equal(cls2, cls)
+    np.testing.assert_array_equal(mean2, mean)
+    cls3, _ = run(images.at[:, 3].set(0.0), all_present)
+    assert float(jnp.abs(cls3 - cls).max()) > 1e-4
