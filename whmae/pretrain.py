@@ -29,6 +29,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Multi-process start-up: auto (from the environment), on (force), off.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+_GENERATE_HINT = "whmae-generate --out {dir} --num-exams 24 --size 32 --frames 10"
 
 
 def pretrain_task(config) -> Task:
@@ -50,12 +51,13 @@ def check_data_dir(data_dir: str | None) -> str:
     if not data_dir:
         raise SystemExit(
             "error: no dataset given. Pass --config.data.dir=DIR; to make a synthetic "
-            "phantom dataset run `whmae-generate --out DIR` first."
+            f"phantom dataset first run `{_GENERATE_HINT.format(dir='DIR')}`."
         )
     if not os.path.isdir(data_dir):
         raise SystemExit(
-            f"error: dataset directory {data_dir!r} does not exist. Run `whmae-generate "
-            f"--out {data_dir}` for a synthetic one, or point --config.data.dir at yours."
+            f"error: dataset directory {data_dir!r} does not exist. Run "
+            f"`{_GENERATE_HINT.format(dir=data_dir)}` for a synthetic one (sized for the tiny "
+            "config), or point --config.data.dir at yours."
         )
     return data_dir
 
