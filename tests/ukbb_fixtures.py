@@ -1,0 +1,152 @@
+"""Small UK Biobank-layout exam folders built from the phantom (NIfTI written with nibabel).
+
+Each folder holds sa.nii.gz (X, Y, Z, T), la_{2,3,4}ch.nii.gz (X, Y, 1, T) and the
+segmentations seg_sa / seg_la_2ch / seg_la_4ch in the UK Biobank label convention (or
+ACDC / M&Ms for the short axis). Arrays are stored as UK Biobank does: X along the image
+columns, Y along the rows, so the phantom's voxel (row, col, slice) affine has its first
+two columns swapped. `break_exam` damages a folder in one of the ways `prepare` must
+survive.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from whmae import layout
+from whmae.data import phantom_planes
+from whmae.data.label_maps import SHORT_AXIS_MAPS
+from whmae.data.phantom import (
+    PhantomConfig,
+    render_planes,
+    render_short_axis_stack,
+    sample_subject,
+)
+
+LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")
+# Layout class -> UK Biobank file label, per long-axis view.
+_LONG_AXIS_FILE_LABELS = {"la_2ch": {layout.LA: 1}, "la_4ch": {layout.LA: 1, layout.RA: 2}}
+BREAKS = (
+    "missing_la_4ch", "missing_sa", "truncated_sa", "nan_sa", "blank_sa", "few_slices",
+    "la_4ch_wrong_dims", "sa_3d", "missing_seg_sa",
+)  # fmt: skip
+
+
+def write_nifti(path: Path, planes: np.ndarray, affine_rcs: np.ndarray, frame_duration: float,
+                time_unit: str = "sec", dtype=np.int16) -> None:  # fmt: skip
+    """planes [Z, T, H, W] with its voxel (row, col, slice) affine -> NIfTI (X=col, Y=row, Z, T)."""
+    data = np.ascontiguousarray(np.asarray(planes).transpose(3, 2, 0, 1)).astype(dtype)
+    affine = np.asarray(affine_rcs, np.float64)[:, [1, 0, 2, 3]]
+    image = nib.Nifti1Image(data, affine)
+    zooms = image.header.get_zooms()[:3]
+    scale = {"sec": 1.0, "msec": 1e3}[time_unit]
+    image.header.set_zooms((*zooms, frame_duration * scale))
+    image.header.set_xyzt_units("mm", time_unit)
+    nib.save(image, str(path))
+
+
+def _to_file_labels(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = np.zeros(labels.shape, np.uint8)
+    for cls, file_label in mapping.items():
+        out[labels == cls] = file_label
+    return out
+
+
+def make_exam_folder(root, eid: str, index: int, *, size: int = 64, frames: int = 50,
+                     num_slices: int = 10, seed: int = 0, fov_mm: float = 200.0,
+                     time_unit: str = "sec", convention: str = "ukbb",
+                     long_axis: bool = True) -> dict:  # fmt: skip
+    """Write one phantom exam as a UK Biobank folder root/eid; returns its ground truth:
+    phenotypes [18], labels_sa [Z, T, H, W] (layout classes), images_sa uint8, frame_duration,
+    pixel spacing and the long-axis labels {view: [T, H, W]}."""
+    config = PhantomConfig(size=size, frames=frames, seed=seed, fov_mm=fov_mm)
+    subject = sample_subject(config, index)
+    folder = Path(root) / eid
+    folder.mkdir(parents=True, exist_ok=True)
+    dt = subject.frame_duration
+    images, labels, planes = render_short_axis_stack(config, subject, num_slices)
+    stack = planes.affines()[0]
+    stack[:3, 2] = planes.centre[1] - planes.centre[0]  # slice axis: base -> apex
+    intensity = images.astype(np.int16) * 3  # int16 like scanner data, not 0-255
+    write_nifti(folder / "sa.nii.gz", intensity, stack, dt, time_unit)
+    inverse = {cls: label for label, cls in SHORT_AXIS_MAPS[convention].items()}
+    write_nifti(folder / "seg_sa.nii.gz", _to_file_labels(labels, inverse), stack, dt, time_unit,
+                np.uint8)  # fmt: skip
+    truth = {"eid": eid, "phenotypes": subject.phenotypes.copy(), "labels_sa": labels,
+             "images_sa": images, "frame_duration": dt, "pixel_spacing": fov_mm / size,
+             "slice_spacing": config.slice_spacing_mm, "long_axis": {}}  # fmt: skip
+    if long_axis:
+        la_planes = phantom_planes.long_axis_planes(
+            subject.planning, subject.heart.outflow_angle, size, fov_mm
+        )
+        rng = np.random.default_rng([seed, index, 3])
+        la_images, la_labels = render_planes(subject, la_planes, LONG_AXIS_VIEWS, rng)
+        la_images = np.rint(la_images / la_images.max() * 700).astype(np.int16)
+        for view, image, label, affine in zip(LONG_AXIS_VIEWS, la_images, la_labels,
+                                              la_planes.affines(6.0), strict=True):  # fmt: skip
+            write_nifti(folder / f"{view}.nii.gz", image[None], affine, dt, time_unit)
+            if view in _LONG_AXIS_FILE_LABELS:
+                file_labels = _to_file_labels(label, _LONG_AXIS_FILE_LABELS[view])
+                write_nifti(folder / f"seg_{view}.nii.gz", file_labels[None], affine, dt,
+                            time_unit, np.uint8)  # fmt: skip
+            truth["long_axis"][view] = label
+    return truth
+
+
+def break_exam(folder, how: str) -> str:
+    """Damage an exam folder in one way (BREAKS); returns the reason text expected."""
+    folder = Path(folder)
+    sa = folder / "sa.nii.gz"
+    if how == "missing_la_4ch":
+        (folder / "la_4ch.nii.gz").unlink()
+        (folder / "seg_la_4ch.nii.gz").unlink()
+        return "la_4ch.nii.gz: missing"
+    if how == "missing_sa":
+        sa.unlink()
+        return "sa.nii.gz: missing"
+    if how == "truncated_sa":
+        payload = sa.read_bytes()
+        sa.write_bytes(payload[: len(payload) // 2])
+        return "sa.nii.gz: truncated or corrupt gzip stream"
+    if how == "missing_seg_sa":
+        (folder / "seg_sa.nii.gz").unlink()
+        return "seg_sa.nii.gz: missing"
+    image = nib.load(str(sa))
+    data = np.asanyarray(image.dataobj)
+    if how == "nan_sa":
+        data = data.astype(np.float32)
+        data[1, 2, 0, 0] = np.nan
+        reason = "sa.nii.gz: NaN values"
+    elif how == "blank_sa":
+        data = np.full(data.shape, 7, data.dtype)
+        reason = "sa.nii.gz: blank image"
+    elif how == "few_slices":
+        data = data[:, :, :4]
+        reason = "sa.nii.gz: only 4 short-axis slices, need 6"
+    elif how == "sa_3d":
+        data = data[:, :, :, 0]
+        reason = "sa.nii.gz: expected 4-D (X, Y, Z, T), got shape"
+    elif how == "la_4ch_wrong_dims":
+        la = nib.load(str(folder / "la_4ch.nii.gz"))
+        la_data = np.asanyarray(la.dataobj)
+        doubled = np.concatenate([la_data, la_data], axis=2)
+        nib.save(nib.Nifti1Image(doubled, la.affine, la.header), str(folder / "la_4ch.nii.gz"))
+        return "la_4ch.nii.gz: expected 4-D (X, Y, 1, T), got shape"
+    else:
+        raise ValueError(f"unknown break {how!r}; expected one of {BREAKS}")
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), str(sa))
+    return reason
+
+
+def write_phenotype_csv(path, rows: dict[str, np.ndarray], eid_column: str = "eid") -> None:
+    """{eid: float [18]} -> CSV with the exact UK Biobank column names; NaN -> empty cell."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([eid_column, *layout.PHENOTYPE_COLUMNS, "Sex"])
+        for eid, values in rows.items():
+            cells = ["" if math.isnan(v) else f"{v:.6g}" for v in np.asarray(values, float)]
+            writer.writerow([eid, *cells, "1"])

@@ -1,0 +1,358 @@
+"""One UK Biobank-layout exam folder (NIfTI) -> an exam dict of `whmae.layout` + its geometry.
+
+    <folder>/sa.nii.gz (X, Y, Z, T)   la_2ch / la_3ch / la_4ch.nii.gz (X, Y, 1, T)
+             seg_sa.nii.gz             seg_la_2ch.nii.gz, seg_la_4ch.nii.gz   (optional)
+
+Axes: NIfTI arrays are (X, Y, Z, T) and UK Biobank's converter stores the DICOM rows
+along Y, so a plane's rows (H) are Y and its columns (W) are X: a view becomes
+`[Z, T, H, W] = data.transpose(2, 3, 1, 0)` (the reference swaps X and Y the same way).
+
+Per exam: six consecutive short-axis slices (`select_short_axis_slices`), a size x size
+crop per view (short axis centred on the segmentation's bounding box; long axis central,
+or label-centred by option; zero padding where the image is smaller), periodic linear
+resampling in time to `frames` (labels: nearest frame), min-max over the acquired planes,
+labels remapped to the layout classes (`label_maps`). The returned geometry dict
+(JSON-serialisable) records per view the original shape, affine, spacing, chosen
+slices, crop offsets and frame count, which `restore_labels` uses to put a predicted
+segmentation back into the original NIfTI grid.
+
+Policy: an exam without a usable short-axis image is rejected (ExamError): slice
+selection and the exam's spacing need it. A missing or unusable long-axis image makes
+that plane absent (plane_mask False); a missing or unusable segmentation makes that
+plane unlabelled (label_mask False). Every such decision is listed in
+geometry["absent"] / geometry["warnings"].
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from whmae import layout
+from whmae.data import label_maps
+from whmae.data.records import quantize_images
+
+LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")  # planes 0, 1, 2
+VIEWS = (*LONG_AXIS_VIEWS, "sa")
+SEGMENTATION_FILE = {"sa": "seg_sa", "la_2ch": "seg_la_2ch", "la_4ch": "seg_la_4ch"}
+WINDOW = len(layout.SHORT_AXIS_PLANES)  # six consecutive short-axis slices
+SLICE_RULES = ("reference", "lv_centre", "centre")
+LA_CROPS = ("centre", "label")
+_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+
+
+class ExamError(ValueError):
+    """An exam (or one of its files) that cannot be used; the message names the file."""
+
+
+def nifti_name(stem: str) -> str:
+    return f"{stem}.nii.gz"
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, dict]:
+    """Load a NIfTI file: (array in its stored dtype, (X, Y, Z, T) as on disk; header dict).
+
+    The data are read once through `dataobj` (no float64 copy); scaling is applied only
+    when the header asks for it. Raises ExamError naming the file and the problem.
+    """
+    import nibabel as nib
+
+    name = path.name
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+        header = image.header
+        zooms = [float(z) for z in header.get_zooms()]
+        time_unit = header.get_xyzt_units()[1]
+        affine = np.asarray(image.affine, np.float64)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ExamError(f"{name}: truncated or corrupt gzip stream ({e})") from None
+    except Exception as e:  # nibabel raises many types for a broken header or payload
+        raise ExamError(f"{name}: unreadable NIfTI ({type(e).__name__}: {e})") from None
+    return data, {"shape": list(data.shape), "zooms": zooms, "time_unit": time_unit,
+                  "affine": affine}  # fmt: skip
+
+
+def frame_duration_seconds(info: dict) -> float:
+    """Seconds per frame from the header's 4th zoom and time unit; NaN if not recorded.
+
+    With no unit, values of 5-500 are taken as ms and 0.005-0.5 as s (cine frames last
+    ~20-60 ms); anything else (e.g. nibabel's default 1.0) is unknown.
+    """
+    if len(info["zooms"]) < 4:
+        return math.nan
+    value = info["zooms"][3]
+    if info["time_unit"] in _TIME_UNITS:
+        value *= _TIME_UNITS[info["time_unit"]]
+    elif 5.0 <= value <= 500.0:
+        value *= 1e-3
+    elif not 0.005 <= value <= 0.5:
+        return math.nan
+    return value if value > 0 else math.nan
+
+
+def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
+    """An image view as float32 [Z, T, H, W] plus its header dict; checks shape and values."""
+    name = nifti_name(stem)
+    data, info = read_nifti(folder / name)
+    if stem == "sa":
+        if data.ndim != 4:
+            raise ExamError(f"{name}: expected 4-D (X, Y, Z, T), got shape {data.shape}")
+        if data.shape[2] < WINDOW:
+            raise ExamError(f"{name}: only {data.shape[2]} short-axis slices, need {WINDOW}")
+    elif data.ndim != 4 or data.shape[2] != 1:
+        raise ExamError(f"{name}: expected 4-D (X, Y, 1, T), got shape {data.shape}")
+    if 0 in data.shape:
+        raise ExamError(f"{name}: empty array of shape {data.shape}")
+    view = np.asarray(data.transpose(2, 3, 1, 0), np.float32)
+    if not np.isfinite(view).all():
+        bad = "NaN" if np.isnan(view).any() else "infinite"
+        raise ExamError(f"{name}: {bad} values")
+    low, high = float(view.min()), float(view.max())
+    if low == high:
+        raise ExamError(f"{name}: blank image (constant {low:g})")
+    return view, info
+
+
+def load_segmentation(folder: Path, view: str, shape, convention: str) -> np.ndarray:
+    """A view's labels as uint8 layout classes [Z, T, H, W]; ExamError if unusable."""
+    name = nifti_name(SEGMENTATION_FILE[view])
+    data, _ = read_nifti(folder / name)
+    labels = data.transpose(2, 3, 1, 0) if data.ndim == 4 else data
+    if tuple(labels.shape) != tuple(shape):
+        raise ExamError(
+            f"{name}: shape {data.shape} does not match its image (X, Y, Z, T) "
+            f"{tuple(shape[i] for i in (3, 2, 0, 1))}"
+        )
+    try:
+        return label_maps.remap_labels(labels, view, convention)
+    except ValueError as e:
+        raise ExamError(f"{name}: {e}") from None
+
+
+def select_short_axis_slices(
+    seg_sa: np.ndarray | None, num_slices: int, rule: str
+) -> tuple[list[int], str]:
+    """Six consecutive slice indices of a stack of `num_slices` (base -> apex) and the rule used.
+
+    reference: start two slices below (apex-wards of) the first slice whose frame-0
+      segmentation holds LV blood pool; shifted back if the window runs off the stack.
+    lv_centre: the window centred on the slices whose frame-0 segmentation holds LV.
+    centre:    the window centred in the stack (no segmentation needed).
+    The segmentation rules fall back to "centre" when there is no LV at frame 0.
+    seg_sa: [Z, T, H, W] layout classes, or None.
+    """
+    if rule not in SLICE_RULES:
+        raise ValueError(f"unknown slice rule {rule!r}; expected one of {SLICE_RULES}")
+    if num_slices < WINDOW:
+        raise ExamError(f"only {num_slices} short-axis slices, need {WINDOW}")
+    has_lv = None if seg_sa is None else (seg_sa[:, 0] == layout.LV_BLOOD_POOL).any(axis=(1, 2))
+    if rule == "centre" or has_lv is None or not has_lv.any():
+        start, used = (num_slices - WINDOW) // 2, "centre"
+    elif rule == "reference":
+        start, used = int(np.argmax(has_lv)) + 2, rule
+    else:
+        lv = np.flatnonzero(has_lv)
+        start, used = (lv[0] + lv[-1] + 1) // 2 - WINDOW // 2, rule
+    start = max(0, min(start, num_slices - WINDOW))
+    return list(range(start, start + WINDOW)), used
+
+
+def crop_offsets(mask: np.ndarray | None, height: int, width: int, size: int) -> tuple[int, int]:
+    """(row, col) of the top-left corner of a size x size crop (may be < 0: padding).
+
+    Centred on the bounding box of mask [..., H, W] when it holds any voxel, else on the
+    image; kept inside the image along an axis at least `size` long.
+    """
+    offsets = []
+    for axis, extent in ((-2, height), (-1, width)):
+        if mask is not None and mask.any():
+            other = tuple(a for a in range(mask.ndim) if a != mask.ndim + axis)
+            hits = np.flatnonzero(mask.any(axis=other))
+            offset = (hits[0] + hits[-1] + 1) // 2 - size // 2
+        else:
+            offset = (extent - size) // 2
+        offsets.append(int(min(max(offset, 0), extent - size)) if extent >= size else
+                       (extent - size) // 2)  # fmt: skip
+    return offsets[0], offsets[1]
+
+
+def crop(volume: np.ndarray, row: int, col: int, size: int, fill=0) -> np.ndarray:
+    """volume [..., H, W] -> [..., size, size] from (row, col), `fill` outside the image."""
+    *lead, height, width = volume.shape
+    out = np.full((*lead, size, size), fill, volume.dtype)
+    r0, r1 = max(row, 0), min(row + size, height)
+    c0, c1 = max(col, 0), min(col + size, width)
+    if r1 > r0 and c1 > c0:
+        out[..., r0 - row : r1 - row, c0 - col : c1 - col] = volume[..., r0:r1, c0:c1]
+    return out
+
+
+def resample_time(volume: np.ndarray, frames: int, labels: bool = False) -> np.ndarray:
+    """[..., T, H, W] -> [..., frames, H, W] over one periodic cardiac cycle.
+
+    Images: linear interpolation between neighbouring frames (the last wraps to the
+    first); labels: the nearest frame. Frame k sits at time k * T / frames.
+    """
+    length = volume.shape[-3]
+    if length == frames:
+        return volume
+    position = np.arange(frames) * (length / frames)
+    if labels:
+        return np.take(volume, np.rint(position).astype(int) % length, axis=-3)
+    before = np.floor(position).astype(int)
+    weight = (position - before).astype(np.float32)[:, None, None]
+    return (1 - weight) * np.take(volume, before % length, axis=-3) + weight * np.take(
+        volume, (before + 1) % length, axis=-3
+    )
+
+
+def _view_geometry(stem: str, info: dict, spacing, slices, row: int, col: int) -> dict:
+    return {
+        "file": nifti_name(stem),
+        "shape": info["shape"],
+        "affine": info["affine"].tolist(),
+        "pixel_spacing": [float(s) for s in spacing],
+        "slices": [int(s) for s in slices],
+        "crop": [int(row), int(col)],
+        "frames": int(info["shape"][3]),
+        "frame_duration": frame_duration_seconds(info),
+    }
+
+
+def preprocess_exam(
+    folder,
+    *,
+    eid: str | None = None,
+    phenotype_row=None,
+    frames: int = 50,
+    size: int = 128,
+    slice_rule: str = "reference",
+    label_convention: str = "ukbb",
+    la_crop: str = "centre",
+) -> tuple[dict, dict]:
+    """Read and preprocess one exam folder: (exam dict of `whmae.layout`, geometry dict).
+
+    phenotype_row: float [18] in `layout.PHENOTYPE_COLUMNS` order (NaN = missing), or None
+    (all missing). Raises ExamError (message names the file) if the exam must be rejected.
+    """
+    folder = Path(folder)
+    eid = folder.name if eid is None else str(eid)
+    label_maps.check_convention(label_convention)
+    if la_crop not in LA_CROPS:
+        raise ValueError(f"unknown long-axis crop {la_crop!r}; expected one of {LA_CROPS}")
+    images = np.zeros((layout.NUM_PLANES, frames, size, size), np.float32)
+    labels = np.zeros(images.shape, np.uint8)
+    plane_mask = np.zeros(layout.NUM_PLANES, bool)
+    label_mask = np.zeros(layout.NUM_PLANES, bool)
+    spacing = np.full((layout.NUM_PLANES, 2), np.nan, np.float32)
+    geometry = {"eid": eid, "frames": frames, "size": size, "label_convention": label_convention,
+                "views": {}, "absent": [], "warnings": []}  # fmt: skip
+
+    if not (folder / nifti_name("sa")).is_file():
+        raise ExamError(
+            "sa.nii.gz: missing (exams without a short-axis stack are rejected: "
+            "slice selection needs it)"
+        )
+    short_axis, sa_info = load_view(folder, "sa")
+    seg_sa = _optional_segmentation(folder, "sa", short_axis.shape, label_convention, geometry)
+    slices, rule_used = select_short_axis_slices(seg_sa, short_axis.shape[0], slice_rule)
+    if rule_used != slice_rule:
+        geometry["warnings"].append(f"slice rule {slice_rule} fell back to {rule_used}")
+    height, width = short_axis.shape[2:]
+    window_seg = None if seg_sa is None else seg_sa[slices]
+    row, col = crop_offsets(None if window_seg is None else window_seg > 0, height, width, size)
+    planes = list(layout.SHORT_AXIS_PLANES)
+    images[planes] = resample_time(crop(short_axis[slices], row, col, size), frames)
+    if window_seg is not None:
+        labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
+        label_mask[planes] = True
+    plane_mask[planes] = True
+    zooms = sa_info["zooms"]
+    spacing[planes] = (zooms[1], zooms[0])  # (row, col) = (Y, X)
+    geometry["views"]["sa"] = _view_geometry("sa", sa_info, spacing[planes[0]], slices, row, col)
+    geometry["views"]["sa"].update(planes=planes, slice_rule=rule_used, slice_spacing=zooms[2])
+    frame_duration = geometry["views"]["sa"]["frame_duration"] * sa_info["shape"][3] / frames
+
+    for plane, stem in enumerate(LONG_AXIS_VIEWS):
+        if not (folder / nifti_name(stem)).is_file():
+            geometry["absent"].append(f"{nifti_name(stem)}: missing")
+            continue
+        try:
+            view, info = load_view(folder, stem)
+        except ExamError as e:
+            geometry["absent"].append(str(e))
+            continue
+        seg = None
+        if stem in SEGMENTATION_FILE:
+            seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
+        use_label = la_crop == "label" and seg is not None
+        row, col = crop_offsets(seg > 0 if use_label else None, *view.shape[2:], size)
+        images[plane] = resample_time(crop(view[0], row, col, size), frames)
+        if seg is not None:
+            labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
+            label_mask[plane] = True
+        plane_mask[plane] = True
+        spacing[plane] = (info["zooms"][1], info["zooms"][0])
+        geometry["views"][stem] = _view_geometry(stem, info, spacing[plane], [0], row, col)
+        geometry["views"][stem]["planes"] = [plane]
+
+    phenotypes = np.full(layout.NUM_PHENOTYPES, np.nan, np.float32)
+    if phenotype_row is not None:
+        phenotypes[:] = np.asarray(phenotype_row, np.float32)
+    exam = {
+        "eid": eid,
+        "images": quantize_images(images, plane_mask),
+        "labels": labels,
+        "phenotypes": phenotypes,
+        "plane_mask": plane_mask,
+        "label_mask": label_mask,
+        "pixel_spacing": spacing,
+        "slice_spacing": np.float32(zooms[2]),
+        "frame_duration": np.float32(frame_duration),
+    }
+    return exam, geometry
+
+
+def _optional_segmentation(folder, view, shape, convention, geometry) -> np.ndarray | None:
+    """A view's remapped labels, or None (absent or unusable; the reason goes to warnings)."""
+    name = nifti_name(SEGMENTATION_FILE[view])
+    if not (folder / name).is_file():
+        geometry["warnings"].append(f"{name}: missing (plane unlabelled)")
+        return None
+    try:
+        return load_segmentation(folder, view, shape, convention)
+    except ExamError as e:
+        geometry["warnings"].append(f"{e} (plane unlabelled)")
+        return None
+
+
+def restore_labels(pred_labels: np.ndarray, geometry: dict, *, file_labels: bool = True) -> dict:
+    """Predicted labels [9, T, H, W] (layout classes) -> {view: uint8 array in the view's
+    original NIfTI shape (X, Y, Z, T)}: the inverse of `preprocess_exam`'s geometry.
+
+    Voxels outside the crop and short-axis slices outside the window are 0. Each original
+    frame takes the nearest resampled frame. file_labels: map back to the file's label
+    convention (`label_maps.restore_file_labels`), else keep layout classes.
+    """
+    pred_labels = np.asarray(pred_labels)
+    frames, size = pred_labels.shape[1], pred_labels.shape[2]
+    restored = {}
+    for stem, view in geometry["views"].items():
+        x, y, z, t = view["shape"]
+        volume = np.zeros((z, t, y, x), np.uint8)  # [Z, T, H, W]
+        nearest = np.rint(np.arange(t) * (frames / t)).astype(int) % frames
+        row, col = view["crop"]
+        r0, r1 = max(row, 0), min(row + size, y)
+        c0, c1 = max(col, 0), min(col + size, x)
+        for plane, index in zip(view["planes"], view["slices"], strict=True):
+            window = pred_labels[plane][nearest]  # [t, size, size]
+            volume[index, :, r0:r1, c0:c1] = window[:, r0 - row : r1 - row, c0 - col : c1 - col]
+        if file_labels:
+            volume = label_maps.restore_file_labels(volume, stem, geometry["label_convention"])
+        restored[stem] = volume.transpose(3, 2, 0, 1)  # -> (X, Y, Z, T)
+    return restored

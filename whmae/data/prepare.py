@@ -1,0 +1,421 @@
+"""`whmae-prepare`: UK Biobank-layout NIfTI exams + phenotype CSV -> an exam dataset.
+
+    whmae-prepare --root /data/ukbb --phenotypes pheno.csv --out /data/whmae \
+        --workers 16 [--shard i/n] [--exams-per-shard 128]
+
+Subjects are the union of the `<root>/<eid>/` folders and the CSV's eids, sorted; the
+sorted list is cut into shards of `--exams-per-shard` (the unit of work and of resume).
+With `--shard i/n`, host i writes shards i, i + n, i + 2n, ... of that one global
+layout, so hosts that see the same root and CSV split the work without talking and
+their files form one dataset. A shard is complete when its marker (records.py) and its
+manifest sidecar exist; a rerun skips complete shards. When every shard is complete
+(whoever finishes last, or `--finalize-only`), dataset_info.json, manifest.jsonl and
+prepare_summary.json are written.
+
+Beside the ArrayRecord shards (same schema as the phantom's) each shard writes
+  geometry-{shard}-of-{n}.jsonl  one line per written exam: `nifti_exam` geometry, by eid
+  manifest-{shard}-of-{n}.jsonl  one line per subject: written (split, absent planes,
+                                 warnings) or rejected (reason naming the file)
+A folder without a CSV row is written with all-NaN phenotypes and flagged (pretraining
+needs no phenotypes, and missing values are masked in the loss), or rejected with
+`--require-phenotypes`. A CSV row without a folder is rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import csv
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from whmae.data import records
+from whmae.data.label_maps import CONVENTIONS
+from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
+from whmae.data.splits import split_of
+from whmae.layout import PHENOTYPE_COLUMNS
+
+ARGS_FILE = "prepare_args.json"
+MANIFEST_FILE = "manifest.jsonl"
+SUMMARY_FILE = "prepare_summary.json"
+_MISSING = {"", "na", "nan", "n/a", "none", "null"}
+
+
+def manifest_file(shard: int, num_shards: int) -> str:
+    return f"manifest-{shard:05d}-of-{num_shards:05d}.jsonl"
+
+
+def geometry_file(shard: int, num_shards: int) -> str:
+    return f"geometry-{shard:05d}-of-{num_shards:05d}.jsonl"
+
+
+def read_phenotype_csv(path, eid_column: str = "eid") -> tuple[dict, dict, list[str]]:
+    """CSV -> ({eid: float32 [18] NaN = missing}, {eid: [cell warnings]}, [file warnings]).
+
+    Columns are matched by their exact UK Biobank names (`layout.PHENOTYPE_COLUMNS`); an
+    absent column stays NaN for everyone. Empty/NA cells are NaN, never 0.
+    """
+    path = Path(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if eid_column not in header:
+            raise ValueError(f"{path}: no eid column {eid_column!r} (columns: {header[:10]}...)")
+        absent = [c for c in PHENOTYPE_COLUMNS if c not in header]
+        warnings = [f"{path.name}: no column {c!r} (all NaN)" for c in absent]
+        rows, cell_warnings = {}, collections.defaultdict(list)
+        for line, row in enumerate(reader, start=2):
+            eid = (row.get(eid_column) or "").strip()
+            if not eid:
+                warnings.append(f"{path.name} line {line}: empty eid, row ignored")
+                continue
+            if eid in rows:
+                warnings.append(f"{path.name} line {line}: duplicate eid {eid}, row ignored")
+                continue
+            values = np.full(len(PHENOTYPE_COLUMNS), np.nan, np.float32)
+            for j, column in enumerate(PHENOTYPE_COLUMNS):
+                cell = (row.get(column) or "").strip()
+                if cell.lower() in _MISSING:
+                    continue
+                try:
+                    values[j] = float(cell)
+                except ValueError:
+                    cell_warnings[eid].append(f"{column}: not a number {cell!r} (NaN)")
+            rows[eid] = values
+    return rows, dict(cell_warnings), warnings
+
+
+def list_subjects(root, phenotypes: dict) -> tuple[list[str], set[str]]:
+    """Sorted union of folder names under root and CSV eids; and the set of folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"exam root {root} is not a directory")
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return sorted(folders | set(phenotypes)), folders
+
+
+def parse_host_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def _prepare_one(job: dict) -> dict:
+    """Worker: preprocess one exam folder; never raises (a failure is a rejection)."""
+    start = time.perf_counter()
+    entry = {"eid": job["eid"], "shard": job["shard"]}
+    try:
+        exam, geometry = preprocess_exam(
+            job["folder"], eid=job["eid"], phenotype_row=job["phenotypes"], **job["options"]
+        )
+        exam = records.check_exam(exam, f"exam folder {job['folder']}")
+    except ExamError as e:
+        return {**entry, "status": "rejected", "reason": str(e)}
+    except Exception as e:  # one bad exam never stops the run
+        return {**entry, "status": "rejected", "reason": f"unexpected {type(e).__name__}: {e}"}
+    entry.update(
+        status="written",
+        split=split_of(job["eid"]),
+        absent=geometry["absent"],
+        warnings=geometry["warnings"] + job["flags"],
+        slices=geometry["views"]["sa"]["slices"],
+        seconds=round(time.perf_counter() - start, 4),
+    )
+    return {**entry, "exam": exam, "geometry": geometry}
+
+
+class _Inline:
+    """A finished 'future' (jobs run in this process, or decided without reading files)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _atomic_write_lines(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def complete_shards(out_dir: Path, num_shards: int) -> set[int]:
+    """Shards with a marker, their files and a manifest sidecar."""
+    markers = records.read_shard_markers(out_dir) if out_dir.is_dir() else {}
+    return {s for s in markers if (out_dir / manifest_file(s, num_shards)).is_file()}
+
+
+def _check_arguments(out_dir: Path, arguments: dict) -> None:
+    """Record the run's arguments once; refuse a directory holding another dataset."""
+    path = out_dir / ARGS_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != arguments:
+            changed = {k: (previous.get(k), v) for k, v in arguments.items()
+                       if previous.get(k) != v}  # fmt: skip
+            raise ValueError(
+                f"{out_dir} holds a dataset prepared with other arguments or another subject "
+                f"list ((on disk, now): {changed}); use another --out"
+            )
+        return
+    if out_dir.is_dir() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
+        raise ValueError(f"{out_dir} is not empty and has no {ARGS_FILE}; use another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # hosts may race: same content
+    tmp.write_text(json.dumps(arguments, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare_dataset(
+    root,
+    phenotype_csv,
+    out_dir,
+    *,
+    eid_column: str = "eid",
+    frames: int = 50,
+    size: int = 128,
+    slice_rule: str = "reference",
+    label_convention: str = "ukbb",
+    la_crop: str = "centre",
+    exams_per_shard: int = 128,
+    workers: int = 1,
+    host_shard: tuple[int, int] = (0, 1),
+    require_phenotypes: bool = False,
+    finalize: bool = True,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> dict:
+    """Write this host's shards of the dataset (resuming), then finalize if all are done.
+
+    Returns this host's run summary; summary["dataset"] holds the whole dataset's summary
+    (`finalize_prepared`) when this call finalized it. stop_after_shards: write at most that
+    many shards (tests of interruption / resume).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    phenotypes, cell_warnings, csv_warnings = read_phenotype_csv(phenotype_csv, eid_column)
+    eids, folders = list_subjects(root, phenotypes)
+    if not eids:
+        raise ValueError(f"no exam folders under {root} and no rows in {phenotype_csv}")
+    num_shards = math.ceil(len(eids) / exams_per_shard)
+    options = {"frames": frames, "size": size, "slice_rule": slice_rule,
+               "label_convention": label_convention, "la_crop": la_crop}  # fmt: skip
+    digest = hashlib.sha256("\n".join(eids).encode()).hexdigest()[:16]
+    arguments = {"preprocessing": options, "exams_per_shard": exams_per_shard,
+                 "num_shards": num_shards, "num_subjects": len(eids), "subjects_sha256": digest,
+                 "require_phenotypes": require_phenotypes, "eid_column": eid_column}  # fmt: skip
+    _check_arguments(out_dir, arguments)
+    host, hosts = host_shard
+    done = complete_shards(out_dir, num_shards)
+    todo = [s for s in range(host, num_shards, hosts) if s not in done]
+    if stop_after_shards is not None:
+        todo = todo[:stop_after_shards]
+
+    def jobs():
+        for shard in todo:
+            for eid in eids[shard * exams_per_shard : (shard + 1) * exams_per_shard]:
+                entry = {"eid": eid, "shard": shard}
+                flags = list(cell_warnings.get(eid, []))
+                if eid not in folders:
+                    yield (
+                        shard,
+                        {
+                            **entry,
+                            "status": "rejected",
+                            "reason": f"no exam folder {Path(root) / eid} (CSV row only)",
+                        },
+                    )
+                    continue  # fmt: skip
+                if eid not in phenotypes:
+                    if require_phenotypes:
+                        yield (
+                            shard,
+                            {
+                                **entry,
+                                "status": "rejected",
+                                "reason": "no phenotype CSV row (--require-phenotypes)",
+                            },
+                        )
+                        continue  # fmt: skip
+                    flags.append("no phenotype CSV row: phenotypes all NaN")
+                yield shard, {**entry, "folder": str(Path(root) / eid), "flags": flags,
+                              "phenotypes": phenotypes.get(eid), "options": options}  # fmt: skip
+
+    total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
+    start, counts = time.perf_counter(), collections.Counter()
+    executor = None
+    if workers > 1 and total > 1:
+        executor = concurrent.futures.ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),  # safe beside JAX threads
+        )
+    try:
+        with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
+            results = _ordered_results(jobs(), executor, lookahead=2 * max(workers, 1))
+            for shard, group in itertools.groupby(results, key=lambda r: r[0]):
+                entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar)
+                counts.update(e["status"] for e in entries)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - start
+    summary = {
+        "host_shard": f"{host}/{hosts}",
+        "shards_written": len(todo),
+        "exams_processed": total,
+        "written": counts["written"],
+        "rejected": counts["rejected"],
+        "seconds": round(seconds, 3),
+        "exams_per_second": round(total / seconds, 3) if total and seconds > 0 else None,
+        "workers": workers,
+        "csv_warnings": csv_warnings,
+    }
+    if finalize and len(complete_shards(out_dir, num_shards)) == num_shards:
+        summary["dataset"] = finalize_prepared(out_dir, {**arguments, "root": str(root),
+                                                         "phenotypes": str(phenotype_csv),
+                                                         "csv_warnings": csv_warnings})  # fmt: skip
+    return summary
+
+
+def _ordered_results(jobs, executor, lookahead: int):
+    """(shard, result) in job order, keeping up to `lookahead` exams in flight."""
+    pending = collections.deque()
+    for shard, job in jobs:
+        if "status" in job:  # decided without reading files
+            future = _Inline(job)
+        elif executor is None:
+            future = _Inline(_prepare_one(job))
+        else:
+            future = executor.submit(_prepare_one, job)
+        pending.append((shard, future))
+        while len(pending) > lookahead:
+            shard_done, done = pending.popleft()
+            yield shard_done, done.result()
+    while pending:
+        shard_done, done = pending.popleft()
+        yield shard_done, done.result()
+
+
+def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, group, bar) -> list[dict]:
+    """Write one shard's exams, then its geometry and (last) its manifest sidecar."""
+    entries, geometry = [], []
+
+    def exams():
+        for _, result in group:
+            bar.update(1)
+            exam, exam_geometry = result.pop("exam", None), result.pop("geometry", None)
+            entries.append(result)
+            if exam is not None:
+                geometry.append(exam_geometry)
+                yield exam
+
+    (out_dir / manifest_file(shard, num_shards)).unlink(missing_ok=True)
+    records.write_shard(exams(), out_dir, shard, num_shards)
+    _atomic_write_lines(out_dir / geometry_file(shard, num_shards), geometry)
+    _atomic_write_lines(out_dir / manifest_file(shard, num_shards), entries)
+    return entries
+
+
+def finalize_prepared(out_dir, provenance: dict) -> dict:
+    """Merge all shards: dataset_info.json, manifest.jsonl (every subject) and
+    prepare_summary.json (found = written + rejected, rejections with reasons)."""
+    out_dir = Path(out_dir)
+    info = records.finalize_dataset(out_dir, provenance)
+    entries = []
+    for shard in range(info["num_shards"]):
+        lines = (out_dir / manifest_file(shard, info["num_shards"])).read_text().splitlines()
+        entries += [json.loads(line) for line in lines if line]
+    _atomic_write_lines(out_dir / MANIFEST_FILE, entries)
+    written = [e for e in entries if e["status"] == "written"]
+    rejected = [e for e in entries if e["status"] == "rejected"]
+    summary = {
+        "exams_found": len(entries),
+        "written": len(written),
+        "rejected": len(rejected),
+        "line": f"exams found = {len(entries)} = written {len(written)} + rejected {len(rejected)}",
+        "splits": {s: info["splits"][s]["num_examples"] for s in info["splits"]},
+        "written_with_absent_planes": sum(bool(e["absent"]) for e in written),
+        "written_with_warnings": sum(bool(e["warnings"]) for e in written),
+        "rejections": {e["eid"]: e["reason"] for e in rejected},
+        "image_shape": info["image_shape"],
+        "bytes_on_disk": info["bytes"],
+    }
+    if len(written) != info["num_examples"]:
+        raise records.RecordError(
+            f"{out_dir}: manifests list {len(written)} written exams, shards hold "
+            f"{info['num_examples']}"
+        )
+    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out_dir / SUMMARY_FILE)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whmae-prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="folder of <eid>/ exam folders")
+    parser.add_argument("--phenotypes", required=True, help="phenotype CSV keyed by eid")
+    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--eid-column", default="eid")
+    parser.add_argument("--frames", type=int, default=50, help="frames per cycle (resampled)")
+    parser.add_argument("--size", type=int, default=128, help="crop rows = cols")
+    parser.add_argument("--slice-rule", default="reference", choices=SLICE_RULES)
+    parser.add_argument("--label-convention", default="ukbb", choices=CONVENTIONS)
+    parser.add_argument("--la-crop", default="centre", choices=LA_CROPS)
+    parser.add_argument("--exams-per-shard", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shard", default="0/1", help="this host's part i/n of the subjects")
+    parser.add_argument(
+        "--require-phenotypes",
+        action="store_true",
+        help="reject folders without a CSV row (default: write, NaN, flag)",
+    )
+    parser.add_argument("--no-finalize", action="store_true", help="leave merging to another host")
+    args = parser.parse_args(argv)
+    try:
+        summary = prepare_dataset(
+            args.root, args.phenotypes, args.out, eid_column=args.eid_column,
+            frames=args.frames, size=args.size, slice_rule=args.slice_rule,
+            label_convention=args.label_convention, la_crop=args.la_crop,
+            exams_per_shard=args.exams_per_shard, workers=args.workers,
+            host_shard=parse_host_shard(args.shard), require_phenotypes=args.require_phenotypes,
+            finalize=not args.no_finalize,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"whmae-prepare: {e}", file=sys.stderr)
+        return 2
+    for warning in summary["csv_warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    rate = summary["exams_per_second"]
+    print(f"host {summary['host_shard']}: {summary['exams_processed']} exams in "
+          f"{summary['seconds']:.1f} s ({rate or 0:.2f} exams/s): written {summary['written']}"
+          f" + rejected {summary['rejected']}")  # fmt: skip
+    dataset = summary.get("dataset")
+    if dataset is None:
+        print("dataset not finalized yet (other hosts' shards missing); rerun to finalize")
+        return 0
+    print(dataset["line"])
+    for eid, reason in dataset["rejections"].items():
+        print(f"  rejected {eid}: {reason}")
+    print(f"wrote {Path(args.out) / MANIFEST_FILE} and {Path(args.out) / SUMMARY_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
