@@ -31,13 +31,26 @@ LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")
 # Layout class -> UK Biobank file label, per long-axis view.
 _LONG_AXIS_FILE_LABELS = {"la_2ch": {layout.LA: 1}, "la_4ch": {layout.LA: 1, layout.RA: 2}}
 BREAKS = (
-    "missing_la_4ch", "missing_sa", "truncated_sa", "nan_sa", "blank_sa", "few_slices",
-    "la_4ch_wrong_dims", "sa_3d", "missing_seg_sa",
-)  # fmt: skip
+    "missing_la_4ch",
+    "missing_sa",
+    "truncated_sa",
+    "nan_sa",
+    "blank_sa",
+    "few_slices",
+    "la_4ch_wrong_dims",
+    "sa_3d",
+    "missing_seg_sa",
+)
 
 
-def write_nifti(path: Path, planes: np.ndarray, affine_rcs: np.ndarray, frame_duration: float,
-                time_unit: str = "sec", dtype=np.int16) -> None:  # fmt: skip
+def write_nifti(
+    path: Path,
+    planes: np.ndarray,
+    affine_rcs: np.ndarray,
+    frame_duration: float,
+    time_unit: str = "sec",
+    dtype=np.int16,
+) -> None:
     """planes [Z, T, H, W] with its voxel (row, col, slice) affine -> NIfTI (X=col, Y=row, Z, T)."""
     data = np.ascontiguousarray(np.asarray(planes).transpose(3, 2, 0, 1)).astype(dtype)
     affine = np.asarray(affine_rcs, np.float64)[:, [1, 0, 2, 3]]
@@ -56,10 +69,20 @@ def _to_file_labels(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
-def make_exam_folder(root, eid: str, index: int, *, size: int = 64, frames: int = 50,
-                     num_slices: int = 10, seed: int = 0, fov_mm: float = 200.0,
-                     time_unit: str = "sec", convention: str = "ukbb",
-                     long_axis: bool = True) -> dict:  # fmt: skip
+def make_exam_folder(
+    root,
+    eid: str,
+    index: int,
+    *,
+    size: int = 64,
+    frames: int = 50,
+    num_slices: int = 10,
+    seed: int = 0,
+    fov_mm: float = 200.0,
+    time_unit: str = "sec",
+    convention: str = "ukbb",
+    long_axis: bool = True,
+) -> dict:
     """Write one phantom exam as a UK Biobank folder root/eid; returns its ground truth:
     phenotypes [18], labels_sa [Z, T, H, W] (layout classes), images_sa uint8, frame_duration,
     pixel spacing and the long-axis labels {view: [T, H, W]}."""
@@ -74,11 +97,19 @@ def make_exam_folder(root, eid: str, index: int, *, size: int = 64, frames: int 
     intensity = images.astype(np.int16) * 3  # int16 like scanner data, not 0-255
     write_nifti(folder / "sa.nii.gz", intensity, stack, dt, time_unit)
     inverse = {cls: label for label, cls in SHORT_AXIS_MAPS[convention].items()}
-    write_nifti(folder / "seg_sa.nii.gz", _to_file_labels(labels, inverse), stack, dt, time_unit,
-                np.uint8)  # fmt: skip
-    truth = {"eid": eid, "phenotypes": subject.phenotypes.copy(), "labels_sa": labels,
-             "images_sa": images, "frame_duration": dt, "pixel_spacing": fov_mm / size,
-             "slice_spacing": config.slice_spacing_mm, "long_axis": {}}  # fmt: skip
+    write_nifti(
+        folder / "seg_sa.nii.gz", _to_file_labels(labels, inverse), stack, dt, time_unit, np.uint8
+    )
+    truth = {
+        "eid": eid,
+        "phenotypes": subject.phenotypes.copy(),
+        "labels_sa": labels,
+        "images_sa": images,
+        "frame_duration": dt,
+        "pixel_spacing": fov_mm / size,
+        "slice_spacing": config.slice_spacing_mm,
+        "long_axis": {},
+    }
     if long_axis:
         la_planes = phantom_planes.long_axis_planes(
             subject.planning, subject.heart.outflow_angle, size, fov_mm
@@ -86,13 +117,20 @@ def make_exam_folder(root, eid: str, index: int, *, size: int = 64, frames: int 
         rng = np.random.default_rng([seed, index, 3])
         la_images, la_labels = render_planes(subject, la_planes, LONG_AXIS_VIEWS, rng)
         la_images = np.rint(la_images / la_images.max() * 700).astype(np.int16)
-        for view, image, label, affine in zip(LONG_AXIS_VIEWS, la_images, la_labels,
-                                              la_planes.affines(6.0), strict=True):  # fmt: skip
+        for view, image, label, affine in zip(
+            LONG_AXIS_VIEWS, la_images, la_labels, la_planes.affines(6.0), strict=True
+        ):
             write_nifti(folder / f"{view}.nii.gz", image[None], affine, dt, time_unit)
             if view in _LONG_AXIS_FILE_LABELS:
                 file_labels = _to_file_labels(label, _LONG_AXIS_FILE_LABELS[view])
-                write_nifti(folder / f"seg_{view}.nii.gz", file_labels[None], affine, dt,
-                            time_unit, np.uint8)  # fmt: skip
+                write_nifti(
+                    folder / f"seg_{view}.nii.gz",
+                    file_labels[None],
+                    affine,
+                    dt,
+                    time_unit,
+                    np.uint8,
+                )
             truth["long_axis"][view] = label
     return truth
 

@@ -73,8 +73,12 @@ def read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         raise ExamError(f"{name}: truncated or corrupt gzip stream ({e})") from None
     except Exception as e:  # nibabel raises many types for a broken header or payload
         raise ExamError(f"{name}: unreadable NIfTI ({type(e).__name__}: {e})") from None
-    return data, {"shape": list(data.shape), "zooms": zooms, "time_unit": time_unit,
-                  "affine": affine}  # fmt: skip
+    return data, {
+        "shape": list(data.shape),
+        "zooms": zooms,
+        "time_unit": time_unit,
+        "affine": affine,
+    }
 
 
 def frame_duration_seconds(info: dict) -> float:
@@ -176,8 +180,9 @@ def crop_offsets(mask: np.ndarray | None, height: int, width: int, size: int) ->
             offset = (hits[0] + hits[-1] + 1) // 2 - size // 2
         else:
             offset = (extent - size) // 2
-        offsets.append(int(min(max(offset, 0), extent - size)) if extent >= size else
-                       (extent - size) // 2)  # fmt: skip
+        offsets.append(
+            int(min(max(offset, 0), extent - size)) if extent >= size else (extent - size) // 2
+        )
     return offsets[0], offsets[1]
 
 
@@ -250,8 +255,15 @@ def preprocess_exam(
     plane_mask = np.zeros(layout.NUM_PLANES, bool)
     label_mask = np.zeros(layout.NUM_PLANES, bool)
     spacing = np.full((layout.NUM_PLANES, 2), np.nan, np.float32)
-    geometry = {"eid": eid, "frames": frames, "size": size, "label_convention": label_convention,
-                "views": {}, "absent": [], "warnings": []}  # fmt: skip
+    geometry = {
+        "eid": eid,
+        "frames": frames,
+        "size": size,
+        "label_convention": label_convention,
+        "views": {},
+        "absent": [],
+        "warnings": [],
+    }
 
     if not (folder / nifti_name("sa")).is_file():
         raise ExamError(

@@ -166,8 +166,9 @@ def _check_arguments(out_dir: Path, arguments: dict) -> None:
     if path.is_file():
         previous = json.loads(path.read_text())
         if previous != arguments:
-            changed = {k: (previous.get(k), v) for k, v in arguments.items()
-                       if previous.get(k) != v}  # fmt: skip
+            changed = {
+                k: (previous.get(k), v) for k, v in arguments.items() if previous.get(k) != v
+            }
             raise ValueError(
                 f"{out_dir} holds a dataset prepared with other arguments or another subject "
                 f"list ((on disk, now): {changed}); use another --out"
@@ -214,12 +215,23 @@ def prepare_dataset(
     if not eids:
         raise ValueError(f"no exam folders under {root} and no rows in {phenotype_csv}")
     num_shards = math.ceil(len(eids) / exams_per_shard)
-    options = {"frames": frames, "size": size, "slice_rule": slice_rule,
-               "label_convention": label_convention, "la_crop": la_crop}  # fmt: skip
+    options = {
+        "frames": frames,
+        "size": size,
+        "slice_rule": slice_rule,
+        "label_convention": label_convention,
+        "la_crop": la_crop,
+    }
     digest = hashlib.sha256("\n".join(eids).encode()).hexdigest()[:16]
-    arguments = {"preprocessing": options, "exams_per_shard": exams_per_shard,
-                 "num_shards": num_shards, "num_subjects": len(eids), "subjects_sha256": digest,
-                 "require_phenotypes": require_phenotypes, "eid_column": eid_column}  # fmt: skip
+    arguments = {
+        "preprocessing": options,
+        "exams_per_shard": exams_per_shard,
+        "num_shards": num_shards,
+        "num_subjects": len(eids),
+        "subjects_sha256": digest,
+        "require_phenotypes": require_phenotypes,
+        "eid_column": eid_column,
+    }
     _check_arguments(out_dir, arguments)
     host, hosts = host_shard
     done = complete_shards(out_dir, num_shards)
@@ -241,7 +253,7 @@ def prepare_dataset(
                             "reason": f"no exam folder {Path(root) / eid} (CSV row only)",
                         },
                     )
-                    continue  # fmt: skip
+                    continue
                 if eid not in phenotypes:
                     if require_phenotypes:
                         yield (
@@ -252,10 +264,18 @@ def prepare_dataset(
                                 "reason": "no phenotype CSV row (--require-phenotypes)",
                             },
                         )
-                        continue  # fmt: skip
+                        continue
                     flags.append("no phenotype CSV row: phenotypes all NaN")
-                yield shard, {**entry, "folder": str(Path(root) / eid), "flags": flags,
-                              "phenotypes": phenotypes.get(eid), "options": options}  # fmt: skip
+                yield (
+                    shard,
+                    {
+                        **entry,
+                        "folder": str(Path(root) / eid),
+                        "flags": flags,
+                        "phenotypes": phenotypes.get(eid),
+                        "options": options,
+                    },
+                )
 
     total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
     start, counts = time.perf_counter(), collections.Counter()
@@ -287,9 +307,15 @@ def prepare_dataset(
         "csv_warnings": csv_warnings,
     }
     if finalize and len(complete_shards(out_dir, num_shards)) == num_shards:
-        summary["dataset"] = finalize_prepared(out_dir, {**arguments, "root": str(root),
-                                                         "phenotypes": str(phenotype_csv),
-                                                         "csv_warnings": csv_warnings})  # fmt: skip
+        summary["dataset"] = finalize_prepared(
+            out_dir,
+            {
+                **arguments,
+                "root": str(root),
+                "phenotypes": str(phenotype_csv),
+                "csv_warnings": csv_warnings,
+            },
+        )
     return summary
 
 
@@ -390,22 +416,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = prepare_dataset(
-            args.root, args.phenotypes, args.out, eid_column=args.eid_column,
-            frames=args.frames, size=args.size, slice_rule=args.slice_rule,
-            label_convention=args.label_convention, la_crop=args.la_crop,
-            exams_per_shard=args.exams_per_shard, workers=args.workers,
-            host_shard=parse_host_shard(args.shard), require_phenotypes=args.require_phenotypes,
+            args.root,
+            args.phenotypes,
+            args.out,
+            eid_column=args.eid_column,
+            frames=args.frames,
+            size=args.size,
+            slice_rule=args.slice_rule,
+            label_convention=args.label_convention,
+            la_crop=args.la_crop,
+            exams_per_shard=args.exams_per_shard,
+            workers=args.workers,
+            host_shard=parse_host_shard(args.shard),
+            require_phenotypes=args.require_phenotypes,
             finalize=not args.no_finalize,
-        )  # fmt: skip
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-prepare: {e}", file=sys.stderr)
         return 2
     for warning in summary["csv_warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     rate = summary["exams_per_second"]
-    print(f"host {summary['host_shard']}: {summary['exams_processed']} exams in "
-          f"{summary['seconds']:.1f} s ({rate or 0:.2f} exams/s): written {summary['written']}"
-          f" + rejected {summary['rejected']}")  # fmt: skip
+    print(
+        f"host {summary['host_shard']}: {summary['exams_processed']} exams in "
+        f"{summary['seconds']:.1f} s ({rate or 0:.2f} exams/s): written {summary['written']}"
+        f" + rejected {summary['rejected']}"
+    )
     dataset = summary.get("dataset")
     if dataset is None:
         print("dataset not finalized yet (other hosts' shards missing); rerun to finalize")
