@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from whmae.train import distributed
-from whmae.train.loop import Task, train
+from whmae.train.loop import Task, quiet_library_logs, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config, e.g. configs/pretrain.py:tiny.", lock_config=True
@@ -67,6 +67,7 @@ def run(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     check_data_dir(config.data.get("dir"))
+    quiet_library_logs()
     summary = train(
         config, _WORKDIR.value, pretrain_task(config), distributed_mode=_DISTRIBUTED.value
     )

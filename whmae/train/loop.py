@@ -65,6 +65,21 @@ class Task:
     init_params: Callable[[TrainState], TrainState] | None = None
 
 
+class _LibraryInfoFilter(logging.Filter):
+    """Drops INFO lines of checkpointing libraries (dozens per save) from a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = ("/orbax/", "/grain/")
+        return record.levelno >= logging.WARNING or not any(q in record.pathname for q in quiet)
+
+
+def quiet_library_logs() -> None:
+    """For entry points: keep Orbax/Grain INFO chatter out of the console (absl handler)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
+
 def _config_json(config: Any) -> dict:
     to_json = getattr(config, "to_json_best_effort", None)
     return json.loads(to_json()) if to_json else dict(config)
