@@ -176,7 +176,9 @@ def break_exam(folder, how: str) -> str:
         return "la_4ch.nii.gz: expected 4-D (X, Y, 1, T), got shape"
     else:
         raise ValueError(f"unknown break {how!r}; expected one of {BREAKS}")
-    nib.save(nib.Nifti1Image(data, image.affine, image.header), str(sa))
+    broken = nib.Nifti1Image(data, image.affine, image.header)
+    broken.set_data_dtype(data.dtype)  # keep the NaN: the old header says int16
+    nib.save(broken, str(sa))
     return reason
 
 

@@ -30,6 +30,7 @@ from whmae.layout import (
 )
 
 CONVENTIONS = ("ukbb", "acdc", "mnms")
+_INVALID = 255  # table entry of a file label outside the convention
 SHORT_AXIS_MAPS = {
     "ukbb": {1: LV_BLOOD_POOL, 2: LV_MYOCARDIUM, 3: RV_BLOOD_POOL},
     "acdc": {1: RV_BLOOD_POOL, 2: LV_MYOCARDIUM, 3: LV_BLOOD_POOL},
@@ -68,18 +69,25 @@ def remap_labels(seg: np.ndarray, view: str, convention: str = "ukbb") -> np.nda
         if not np.array_equal(rounded, seg):  # also catches NaN
             raise ValueError(f"non-integer label values (e.g. {seg[rounded != seg].flat[0]!r})")
         seg = rounded.astype(np.int64)
+    if seg.size == 0:
+        return np.zeros(seg.shape, np.uint8)
+    low, high = int(seg.min()), int(seg.max())
+    if low >= 0 and high <= 255:
+        # A lookup table, not np.unique: remapping is one gather (np.unique sorts).
+        table = np.full(high + 1, _INVALID, np.uint8)
+        table[0] = 0
+        for source, target in mapping.items():
+            if source <= high:
+                table[source] = target
+        out = table[seg]
+        if (table != _INVALID).all() or not (out == _INVALID).any():
+            return out
     values = np.unique(seg)
-    unknown = [int(v) for v in values if v != 0 and int(v) not in mapping]
-    if unknown:
-        raise ValueError(
-            f"unexpected label values {unknown} for the {convention!r} convention "
-            f"(view {view}: expects 0 and {sorted(mapping)})"
-        )
-    table = np.zeros(int(values.max()) + 1 if values.size else 1, np.uint8)
-    for source, target in mapping.items():
-        if source < len(table):
-            table[source] = target
-    return table[seg.astype(np.intp, copy=False)]
+    bad = [int(v) for v in values if v != 0 and int(v) not in mapping]
+    raise ValueError(
+        f"unexpected label values {bad} for the {convention!r} convention "
+        f"(view {view}: expects 0 and {sorted(mapping)})"
+    )
 
 
 def restore_file_labels(labels: np.ndarray, view: str, convention: str = "ukbb") -> np.ndarray:

@@ -25,7 +25,7 @@ geometry["absent"] / geometry["warnings"].
 
 from __future__ import annotations
 
-import gzip
+import io
 import math
 import zlib
 from pathlib import Path
@@ -54,31 +54,44 @@ def nifti_name(stem: str) -> str:
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, dict]:
-    """Load a NIfTI file: (array in its stored dtype, (X, Y, Z, T) as on disk; header dict).
+    """Load a NIfTI-1 file: (array (X, Y, Z, T) as stored on disk, read-only; header dict).
 
-    The data are read once through `dataobj` (no float64 copy); scaling is applied only
-    when the header asks for it. Raises ExamError naming the file and the problem.
+    Fast path: the whole .nii.gz is inflated in one zlib call and the array is a
+    zero-copy view of it (nibabel's streamed gzip reader is ~1.5x slower); scaling is
+    applied only when the header asks for it. Other files go through nibabel.
+    Raises ExamError naming the file and the problem.
     """
     import nibabel as nib
 
     name = path.name
     try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-        header = image.header
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = zlib.decompress(raw, wbits=31)  # one gzip member, as nibabel writes
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+        if header.sizeof_hdr != 348 or header["magic"].item() not in (b"n+1", b"ni1"):
+            raise ValueError(f"not a NIfTI-1 header (magic {header['magic'].item()!r})")
+        shape, dtype = header.get_data_shape(), header.get_data_dtype()
+        count, offset = math.prod(shape), int(header.get_data_offset())
+        if offset + count * dtype.itemsize > len(raw):
+            raise ExamError(
+                f"{name}: truncated data: {len(raw) - offset} bytes for shape {shape} {dtype}"
+            )
+        data = np.frombuffer(raw, dtype, count, offset).reshape(shape, order="F")
+        slope, inter = header.get_slope_inter()
+        if slope is not None and (slope != 1 or (inter or 0) != 0):
+            data = data * np.float32(slope) + np.float32(inter or 0)
         zooms = [float(z) for z in header.get_zooms()]
         time_unit = header.get_xyzt_units()[1]
-        affine = np.asarray(image.affine, np.float64)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        affine = np.asarray(header.get_best_affine(), np.float64)
+    except ExamError:
+        raise
+    except (EOFError, zlib.error) as e:
         raise ExamError(f"{name}: truncated or corrupt gzip stream ({e})") from None
-    except Exception as e:  # nibabel raises many types for a broken header or payload
+    except Exception as e:  # a broken header raises many types
         raise ExamError(f"{name}: unreadable NIfTI ({type(e).__name__}: {e})") from None
-    return data, {
-        "shape": list(data.shape),
-        "zooms": zooms,
-        "time_unit": time_unit,
-        "affine": affine,
-    }
+    info = {"shape": list(shape), "zooms": zooms, "time_unit": time_unit, "affine": affine}
+    return data, info
 
 
 def frame_duration_seconds(info: dict) -> float:
@@ -100,7 +113,10 @@ def frame_duration_seconds(info: dict) -> float:
 
 
 def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
-    """An image view as float32 [Z, T, H, W] plus its header dict; checks shape and values."""
+    """An image view [Z, T, H, W] in its stored dtype (a view, no copy) plus its header dict.
+
+    Checks dimensionality, slice count, NaN/inf and blank (constant) images.
+    """
     name = nifti_name(stem)
     data, info = read_nifti(folder / name)
     if stem == "sa":
@@ -112,14 +128,13 @@ def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
         raise ExamError(f"{name}: expected 4-D (X, Y, 1, T), got shape {data.shape}")
     if 0 in data.shape:
         raise ExamError(f"{name}: empty array of shape {data.shape}")
-    view = np.asarray(data.transpose(2, 3, 1, 0), np.float32)
-    if not np.isfinite(view).all():
-        bad = "NaN" if np.isnan(view).any() else "infinite"
-        raise ExamError(f"{name}: {bad} values")
-    low, high = float(view.min()), float(view.max())
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise ExamError(f"{name}: {'NaN' if np.isnan(data).any() else 'infinite'} values")
+    low, high = data.min(), data.max()
     if low == high:
-        raise ExamError(f"{name}: blank image (constant {low:g})")
-    return view, info
+        raise ExamError(f"{name}: blank image (constant {float(low):g})")
+    info["min"] = float(low)
+    return data.transpose(2, 3, 1, 0), info
 
 
 def load_segmentation(folder: Path, view: str, shape, convention: str) -> np.ndarray:
@@ -279,7 +294,8 @@ def preprocess_exam(
     window_seg = None if seg_sa is None else seg_sa[slices]
     row, col = crop_offsets(None if window_seg is None else window_seg > 0, height, width, size)
     planes = list(layout.SHORT_AXIS_PLANES)
-    images[planes] = resample_time(crop(short_axis[slices], row, col, size), frames)
+    window = crop(short_axis[slices], row, col, size, sa_info["min"]).astype(np.float32)
+    images[planes] = resample_time(window, frames)
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
         label_mask[planes] = True
@@ -304,7 +320,8 @@ def preprocess_exam(
             seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
         use_label = la_crop == "label" and seg is not None
         row, col = crop_offsets(seg > 0 if use_label else None, *view.shape[2:], size)
-        images[plane] = resample_time(crop(view[0], row, col, size), frames)
+        window = crop(view[0], row, col, size, info["min"]).astype(np.float32)
+        images[plane] = resample_time(window, frames)
         if seg is not None:
             labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
             label_mask[plane] = True
