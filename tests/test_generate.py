@@ -126,3 +126,9 @@ def test_cli_with_worker_processes_matches_one_process(tmp_path, capsys):
     assert summary["bytes_on_disk"] == sum(len(b) for b in shard_bytes(many).values())
     png = (many / "summary.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_overwrite_forces_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    summary = generate_dataset(tmp_path, **SMALL, overwrite=True, progress=False, figure=False)
+    assert summary["status"] == "new" and summary["num_examples"] == 6

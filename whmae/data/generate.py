@@ -83,7 +83,7 @@ def _prepare_directory(out_dir: Path, arguments: dict, overwrite: bool) -> str:
                 "Use another --out, or --overwrite to replace it."
             )
         return "complete" if (out_dir / records.INFO_FILE).is_file() else "resume"
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise RefusedError(
             f"{out_dir} is not empty and was not written by whmae-generate "
             f"(no {ARGS_FILE}); refusing to write into it. Use --overwrite to force."

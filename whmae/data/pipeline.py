@@ -83,6 +83,12 @@ def make_pipeline(
     batch_size is per process. num_epochs None repeats forever. Deterministic given
     `seed` (and independent of worker_count / read_threads). The iterator's state is
     saved with `grain.checkpoint.CheckpointSave(it)` (Orbax) or `it.get_state()`.
+
+    With a finite num_epochs the processes' shares may differ by one exam (and so by one
+    batch): multi-host evaluation must agree on the step count (e.g. pad, or take the
+    minimum over hosts); training normally uses num_epochs=None.
+    read_threads: Grain reader threads (0 = read in the calling thread);
+    prefetch_batches: batches buffered ahead (memory: batch bytes x this).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
