@@ -112,7 +112,7 @@ def make_train_step(
         (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
