@@ -1,0 +1,246 @@
+"""Reading and preprocessing one UK Biobank-layout exam folder (whmae.data.nifti_exam)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from ukbb_fixtures import break_exam, make_exam_folder
+
+from whmae import layout
+from whmae.data import label_maps
+from whmae.data.nifti_exam import (
+    ExamError,
+    crop,
+    crop_offsets,
+    frame_duration_seconds,
+    preprocess_exam,
+    resample_time,
+    restore_labels,
+    select_short_axis_slices,
+)
+
+SA = list(layout.SHORT_AXIS_PLANES)
+# (eid, phantom index, matrix, frames T, slices Z, time unit of the header)
+FOLDERS = (
+    ("2000001", 1, 64, 50, 12, "sec"),
+    ("2000002", 2, 80, 30, 9, "msec"),
+    ("2000003", 3, 48, 30, 14, "sec"),
+)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{eid: (folder, truth)} of three phantom exams with oblique affines."""
+    root = tmp_path_factory.mktemp("ukbb")
+    out = {}
+    for eid, index, size, frames, slices, unit in FOLDERS:
+        truth = make_exam_folder(
+            root, eid, index, size=size, frames=frames, num_slices=slices, time_unit=unit
+        )
+        out[eid] = (root / eid, truth)
+    return out
+
+
+def reference_window(labels_sa: np.ndarray) -> list[int]:
+    """The reference rule written out independently: first LV slice at ED + 2, clamped."""
+    first = next(z for z in range(len(labels_sa)) if (labels_sa[z, 0] == 1).any())
+    start = min(first + 2, len(labels_sa) - 6)
+    return list(range(start, start + 6))
+
+
+def test_header_geometry_spacing_and_frame_duration(folders):
+    for eid, (folder, truth) in folders.items():
+        exam, geometry = preprocess_exam(folder, frames=50, size=40)
+        frames = truth["labels_sa"].shape[1]
+        sa = geometry["views"]["sa"]
+        assert sa["frames"] == frames and sa["shape"][2] == truth["labels_sa"].shape[0]
+        assert sa["frame_duration"] == pytest.approx(truth["frame_duration"], rel=1e-5)
+        # 50 resampled frames span the same cycle: duration scales by T / 50.
+        expected = truth["frame_duration"] * frames / 50
+        assert float(exam["frame_duration"]) == pytest.approx(expected, rel=1e-5), eid
+        np.testing.assert_allclose(exam["pixel_spacing"], truth["pixel_spacing"], rtol=1e-5)
+        assert float(exam["slice_spacing"]) == pytest.approx(truth["slice_spacing"], rel=1e-4)
+        # The header's oblique affine is kept: its slice column is the slice step.
+        affine = np.array(sa["affine"])
+        assert np.linalg.norm(affine[:3, 2]) == pytest.approx(truth["slice_spacing"], rel=1e-4)
+        assert np.abs(affine[:3, :3] - np.diag(np.diag(affine[:3, :3]))).max() > 0.1
+        assert exam["plane_mask"].all()
+        np.testing.assert_array_equal(exam["label_mask"], [1, 0, 1, 1, 1, 1, 1, 1, 1])
+
+
+def test_reference_slices_and_crop_keep_the_whole_heart(folders):
+    for eid, (folder, truth) in folders.items():
+        labels_sa = truth["labels_sa"]
+        exam, geometry = preprocess_exam(folder, frames=labels_sa.shape[1], size=40)
+        window = reference_window(labels_sa)
+        assert geometry["views"]["sa"]["slices"] == window, eid
+        row, col = geometry["views"]["sa"]["crop"]
+        expected = crop(labels_sa[window], row, col, 40)
+        np.testing.assert_array_equal(exam["labels"][SA], expected)
+        # Nothing of the heart is cut off in the chosen slices (40 px crop of a 48-80 matrix).
+        counts = [(labels_sa[window] == c).sum() for c in (1, 2, 3)]
+        assert [(exam["labels"][SA] == c).sum() for c in (1, 2, 3)] == counts
+        # Images are the same pixels, min-max normalised: bright where the truth is bright.
+        images = crop(truth["images_sa"][window].astype(float), row, col, 40)
+        assert np.corrcoef(images.ravel(), exam["images"][SA].ravel())[0, 1] > 0.999
+
+
+def test_slice_rules_on_hand_made_stacks():
+    seg = np.zeros((10, 2, 4, 4), np.uint8)
+    seg[3:8, 0, 1, 1] = layout.LV_BLOOD_POOL
+    assert select_short_axis_slices(seg, 10, "reference") == ([4, 5, 6, 7, 8, 9], "reference")
+    assert select_short_axis_slices(seg, 10, "lv_centre") == ([2, 3, 4, 5, 6, 7], "lv_centre")
+    assert select_short_axis_slices(seg, 10, "centre") == ([2, 3, 4, 5, 6, 7], "centre")
+    seg14 = np.zeros((14, 2, 4, 4), np.uint8)
+    seg14[1:9, 0, 1, 1] = layout.LV_BLOOD_POOL
+    seg14[0, 1, 1, 1] = layout.LV_BLOOD_POOL  # LV only at frame 1 does not count
+    assert select_short_axis_slices(seg14, 14, "reference")[0] == [3, 4, 5, 6, 7, 8]
+    # No LV at frame 0 (or no segmentation): fall back to the stack centre.
+    late = np.zeros_like(seg14)
+    late[:, 1, 1, 1] = layout.LV_BLOOD_POOL
+    assert select_short_axis_slices(late, 14, "reference") == (list(range(4, 10)), "centre")
+    assert select_short_axis_slices(None, 7, "reference") == (list(range(0, 6)), "centre")
+    with pytest.raises(ExamError, match="only 5 short-axis slices, need 6"):
+        select_short_axis_slices(None, 5, "centre")
+
+
+def test_crop_offsets_pad_and_clamp():
+    mask = np.zeros((30, 50), bool)
+    mask[2:6, 40:48] = True  # near the top-right corner
+    assert crop_offsets(mask, 30, 50, 20) == (0, 30)  # clamped inside the image
+    assert crop_offsets(None, 30, 50, 20) == (5, 15)
+    assert crop_offsets(mask, 30, 50, 40) == (-5, 10)  # rows padded, image centred
+    image = np.arange(30 * 50).reshape(30, 50)
+    padded = crop(image, -5, 10, 40, fill=-1)
+    np.testing.assert_array_equal(padded[5:35], image[:, 10:50])
+    assert (padded[:5] == -1).all() and (padded[35:] == -1).all()
+
+
+def test_resample_time_is_periodic_linear_and_nearest_for_labels():
+    t = np.arange(30, dtype=np.float32)
+    signal = np.sin(2 * np.pi * t / 30)[:, None, None]
+    resampled = resample_time(signal, 50)
+    truth = np.sin(2 * np.pi * np.arange(50) * 0.6 / 30)
+    assert np.abs(resampled[:, 0, 0] - truth).max() < 0.01  # linear interpolation error
+    ramp = resample_time(t[:, None, None], 50)[:, 0, 0]
+    np.testing.assert_allclose(ramp[:-1], np.arange(49) * 0.6, atol=1e-5)
+    assert ramp[-1] == pytest.approx(0.6 * 29 + 0.4 * 0, abs=1e-4)  # wraps to frame 0
+    labels = resample_time(t.astype(np.uint8)[:, None, None], 50, labels=True)[:, 0, 0]
+    np.testing.assert_array_equal(labels, np.rint(np.arange(50) * 0.6).astype(int) % 30)
+
+
+def test_frames_resampled_from_30_to_50(folders):
+    folder, truth = folders["2000002"]  # T = 30
+    exam, geometry = preprocess_exam(folder, frames=50, size=40)
+    window, (row, col) = geometry["views"]["sa"]["slices"], geometry["views"]["sa"]["crop"]
+    nearest = np.rint(np.arange(50) * 30 / 50).astype(int) % 30
+    expected = crop(truth["labels_sa"][window][:, nearest], row, col, 40)
+    np.testing.assert_array_equal(exam["labels"][SA], expected)
+    assert exam["images"].shape == (9, 50, 40, 40)
+
+
+def test_restore_labels_round_trip(folders):
+    for eid, (folder, _) in folders.items():
+        exam, geometry = preprocess_exam(folder, frames=50, size=40)
+        restored = restore_labels(exam["labels"], geometry)
+        for view in ("sa", "la_2ch", "la_4ch"):
+            seg = np.asanyarray(nib.load(str(folder / f"seg_{view}.nii.gz")).dataobj)
+            assert restored[view].shape == seg.shape, (eid, view)
+            g = geometry["views"][view]
+            row, col = g["crop"]
+            inside = np.zeros(seg.shape, bool)  # (X, Y, Z, T): X = columns, Y = rows
+            inside[max(col, 0) : col + 40, max(row, 0) : row + 40, g["slices"]] = True
+            np.testing.assert_array_equal(restored[view][inside], seg[inside], err_msg=eid)
+            assert not restored[view][~inside].any()
+        # The whole heart was inside the crop, so the SA window restores exactly.
+        window = geometry["views"]["sa"]["slices"]
+        seg_sa = np.asanyarray(nib.load(str(folder / "seg_sa.nii.gz")).dataobj)
+        np.testing.assert_array_equal(restored["sa"][:, :, window], seg_sa[:, :, window])
+        assert restored["la_3ch"].shape == tuple(geometry["views"]["la_3ch"]["shape"])
+
+
+def test_padding_when_the_matrix_is_smaller_than_the_crop(folders):
+    folder, truth = folders["2000003"]  # 48 x 48
+    exam, geometry = preprocess_exam(folder, frames=30, size=64)
+    assert geometry["views"]["sa"]["crop"] == [-8, -8]
+    window = geometry["views"]["sa"]["slices"]
+    np.testing.assert_array_equal(exam["labels"][SA][..., 8:56, 8:56], truth["labels_sa"][window])
+    border = exam["images"][SA][..., :8, :]
+    assert border.max() == 0  # padding is the image minimum, i.e. 0 after min-max
+
+
+def test_label_conventions_acdc_and_mnms(tmp_path):
+    ukbb = make_exam_folder(tmp_path / "ukbb", "1", 5, size=48, frames=20, long_axis=False)
+    make_exam_folder(
+        tmp_path / "acdc", "1", 5, size=48, frames=20, convention="acdc", long_axis=False
+    )
+    make_exam_folder(
+        tmp_path / "mnms", "1", 5, size=48, frames=20, convention="mnms", long_axis=False
+    )
+    acdc_file = np.asanyarray(nib.load(str(tmp_path / "acdc/1/seg_sa.nii.gz")).dataobj)
+    ukbb_file = np.asanyarray(nib.load(str(tmp_path / "ukbb/1/seg_sa.nii.gz")).dataobj)
+    np.testing.assert_array_equal(acdc_file == 1, ukbb_file == 3)  # ACDC 1 is the RV
+    reference, _ = preprocess_exam(tmp_path / "ukbb/1", frames=20, size=40)
+    for convention in ("acdc", "mnms"):
+        exam, geometry = preprocess_exam(
+            tmp_path / convention / "1", frames=20, size=40, label_convention=convention
+        )
+        np.testing.assert_array_equal(exam["labels"], reference["labels"])
+        assert (exam["labels"][SA] == layout.RV_BLOOD_POOL).any()
+        # Long-axis views are absent: planes masked, not zero-filled "present" planes.
+        assert not exam["plane_mask"][:3].any() and not exam["label_mask"][:3].any()
+        assert "la_2ch.nii.gz: missing" in geometry["absent"]
+        file_labels = restore_labels(exam["labels"], geometry)["sa"]
+        window = geometry["views"]["sa"]["slices"]
+        written = np.asanyarray(nib.load(str(tmp_path / convention / "1/seg_sa.nii.gz")).dataobj)
+        np.testing.assert_array_equal(file_labels[:, :, window], written[:, :, window])
+    # Reading ACDC files as UK Biobank would swap LV and RV: the convention matters.
+    wrong, _ = preprocess_exam(tmp_path / "acdc/1", frames=20, size=40)
+    assert not np.array_equal(wrong["labels"], reference["labels"])
+    assert ukbb["labels_sa"].max() == 3
+
+
+def test_remap_labels_rejects_unknown_values():
+    np.testing.assert_array_equal(
+        label_maps.remap_labels(np.array([0, 1, 2]), "la_4ch"), [0, layout.LA, layout.RA]
+    )
+    with pytest.raises(ValueError, match=r"unexpected label values \[4\]"):
+        label_maps.remap_labels(np.array([0, 1, 4]), "sa")
+    with pytest.raises(ValueError, match="non-integer"):
+        label_maps.remap_labels(np.array([0.0, 0.5]), "sa")
+    with pytest.raises(ValueError, match="unknown label convention"):
+        label_maps.remap_labels(np.array([0]), "sa", "kaggle")
+
+
+def test_frame_duration_units():
+    info = {"zooms": [1.8, 1.8, 10.0, 0.0], "time_unit": "unknown"}
+    assert np.isnan(frame_duration_seconds(info))
+    assert frame_duration_seconds({**info, "zooms": [1, 1, 1, 35.0]}) == pytest.approx(0.035)
+    assert frame_duration_seconds({**info, "zooms": [1, 1, 1, 0.03]}) == pytest.approx(0.03)
+    assert np.isnan(frame_duration_seconds({**info, "zooms": [1, 1, 1, 1.0]}))
+    ms = {"zooms": [1, 1, 1, 30.0], "time_unit": "msec"}
+    assert frame_duration_seconds(ms) == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize(
+    "how", ["missing_sa", "truncated_sa", "nan_sa", "blank_sa", "few_slices", "sa_3d"]
+)
+def test_broken_short_axis_is_rejected_with_the_file_named(tmp_path, how):
+    make_exam_folder(tmp_path, "3", 7, size=48, frames=20, long_axis=False)
+    reason = break_exam(tmp_path / "3", how)
+    with pytest.raises(ExamError) as error:
+        preprocess_exam(tmp_path / "3", frames=20, size=40)
+    assert str(error.value).startswith(reason)
+
+
+def test_broken_long_axis_and_segmentation_become_absent(tmp_path):
+    make_exam_folder(tmp_path, "4", 8, size=48, frames=20)
+    break_exam(tmp_path / "4", "la_4ch_wrong_dims")
+    break_exam(tmp_path / "4", "missing_seg_sa")
+    exam, geometry = preprocess_exam(tmp_path / "4", frames=20, size=40)
+    np.testing.assert_array_equal(exam["plane_mask"], [1, 1, 0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(exam["label_mask"], [1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert not exam["images"][2].any() and not exam["labels"][SA].any()
+    assert np.isnan(exam["pixel_spacing"][2]).all()
+    assert geometry["absent"][0].startswith("la_4ch.nii.gz: expected 4-D (X, Y, 1, T)")
+    assert "slice rule reference fell back to centre" in geometry["warnings"]
+    assert geometry["views"]["sa"]["slices"] == [2, 3, 4, 5, 6, 7]  # centre of 10
