@@ -137,18 +137,23 @@ def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
     return data.transpose(2, 3, 1, 0), info
 
 
-def load_segmentation(folder: Path, view: str, shape, convention: str) -> np.ndarray:
-    """A view's labels as uint8 layout classes [Z, T, H, W]; ExamError if unusable."""
+def load_segmentation(folder: Path, view: str, shape, convention: str) -> tuple[np.ndarray, dict]:
+    """A view's labels as uint8 layout classes [Z, T, H, W] and its header dict.
+
+    shape: the image's [Z, T, H, W] to match, or None. ExamError if unusable.
+    """
     name = nifti_name(SEGMENTATION_FILE[view])
-    data, _ = read_nifti(folder / name)
-    labels = data.transpose(2, 3, 1, 0) if data.ndim == 4 else data
-    if tuple(labels.shape) != tuple(shape):
+    data, info = read_nifti(folder / name)
+    if data.ndim != 4:
+        raise ExamError(f"{name}: expected 4-D (X, Y, Z, T), got shape {data.shape}")
+    labels = data.transpose(2, 3, 1, 0)
+    if shape is not None and tuple(labels.shape) != tuple(shape):
         raise ExamError(
             f"{name}: shape {data.shape} does not match its image (X, Y, Z, T) "
             f"{tuple(shape[i] for i in (3, 2, 0, 1))}"
         )
     try:
-        return label_maps.remap_labels(labels, view, convention)
+        return label_maps.remap_labels(labels, view, convention), info
     except ValueError as e:
         raise ExamError(f"{name}: {e}") from None
 
@@ -354,7 +359,7 @@ def _optional_segmentation(folder, view, shape, convention, geometry) -> np.ndar
         geometry["warnings"].append(f"{name}: missing (plane unlabelled)")
         return None
     try:
-        return load_segmentation(folder, view, shape, convention)
+        return load_segmentation(folder, view, shape, convention)[0]
     except ExamError as e:
         geometry["warnings"].append(f"{e} (plane unlabelled)")
         return None
