@@ -101,17 +101,32 @@ class Checkpointer:
     ) -> Any:
         """The state saved at `step`, placed as `abstract_state` says.
 
-        `data_iter`, if given, is moved in place to the saved position.
+        `data_iter`, if given, is moved in place to the saved position (when the
+        checkpoint was written by as many processes as there are now; else a warning).
         """
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        if data_iter is not None and self._has_data_position(step):
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        elif data_iter is not None:
+            logging.warning(
+                "checkpoint step %d in %s has no data position for process %d of %d (saved "
+                "with another process count?): the data order restarts from the beginning",
+                step,
+                self.directory,
+                jax.process_index(),
+                jax.process_count(),
+            )
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def _has_data_position(self, step: int) -> bool:
+        # Grain writes one file per process, named by index and count.
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return os.path.exists(os.path.join(self.directory, str(step), "data_iter", name))
 
     def restore_arrays(self, step: int) -> Any:
         """The raw state tree saved at `step` as host numpy arrays (for inspection)."""
