@@ -22,7 +22,9 @@ def check_split(split: str) -> str:
 def split_of(eid: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
     """The split of subject `eid` for the given (train, val, test) fractions."""
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1: {fractions}")
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1: {fractions}"
+        )
     digest = hashlib.sha256(str(eid).encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     if u < fractions[0]:
