@@ -287,7 +287,8 @@ def prepare_dataset(
         )
     try:
         with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
-            results = _ordered_results(jobs(), executor, lookahead=2 * max(workers, 1))
+            ahead = 0 if executor is None else 2 * workers  # bounded: exams wait in memory
+            results = _ordered_results(jobs(), executor, lookahead=ahead)
             for shard, group in itertools.groupby(results, key=lambda r: r[0]):
                 entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar)
                 counts.update(e["status"] for e in entries)

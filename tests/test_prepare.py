@@ -1,0 +1,282 @@
+"""whmae-prepare and whmae-qc on a small UK Biobank-layout cohort with every broken case."""
+
+import json
+import math
+
+import grain
+import numpy as np
+import pytest
+from ukbb_fixtures import break_exam, make_exam_folder, write_phenotype_csv
+
+from whmae import layout
+from whmae.data import prepare, records
+from whmae.data.nifti_exam import preprocess_exam, restore_labels
+from whmae.data.qc import run_qc
+from whmae.phenotypes import phenotypes_from_segmentations
+
+GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
+    "3100000": (0, 64, 50, 12, "sec"),
+    "3100001": (1, 80, 30, 9, "msec"),
+    "3100002": (2, 48, 50, 14, "sec"),
+    "3100003": (3, 64, 30, 10, "msec"),
+    "3100004": (4, 56, 50, 11, "sec"),
+    "3100005": (5, 72, 30, 13, "sec"),  # has a folder but no CSV row
+}
+BROKEN = (
+    "missing_la_4ch",
+    "missing_sa",
+    "truncated_sa",
+    "nan_sa",
+    "blank_sa",
+    "few_slices",
+    "la_4ch_wrong_dims",
+    "sa_3d",
+    "missing_seg_sa",
+)
+WRITTEN_BROKEN = {"missing_la_4ch", "la_4ch_wrong_dims", "missing_seg_sa"}
+CSV_ONLY = "3199999"
+NO_ROW = "3100005"
+OPTIONS = {"frames": 50, "size": 40, "exams_per_shard": 4}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """(root, csv path, truths by eid, expected reasons by eid) of 16 subjects."""
+    base = tmp_path_factory.mktemp("cohort")
+    root, truths, reasons = base / "exams", {}, {}
+    for eid, (index, size, frames, slices, unit) in GOOD.items():
+        truths[eid] = make_exam_folder(
+            root, eid, index, size=size, frames=frames, num_slices=slices, time_unit=unit
+        )
+    for k, how in enumerate(BROKEN):
+        eid = f"32000{k:02d}"
+        truths[eid] = make_exam_folder(root, eid, 10 + k, size=48, frames=20, num_slices=10)
+        reasons[eid] = (how, break_exam(root / eid, how))
+    rows = {eid: t["phenotypes"].copy() for eid, t in truths.items() if eid != NO_ROW}
+    rows["3100000"][layout.phenotype_index("LVM (g)")] = np.nan  # an empty cell
+    rows[CSV_ONLY] = truths["3100001"]["phenotypes"]
+    csv_path = base / "phenotypes.csv"
+    write_phenotype_csv(csv_path, rows)
+    text = csv_path.read_text().splitlines()
+    cells = text[2].split(",")  # 3100001: a cell that is not a number
+    cells[1 + layout.phenotype_index("RVEF (%)")] = "abc"
+    text[2] = ",".join(cells)
+    csv_path.write_text("\n".join(text) + "\n")
+    return root, csv_path, truths, reasons
+
+
+@pytest.fixture(scope="module")
+def prepared(cohort, tmp_path_factory):
+    root, csv_path, _, _ = cohort
+    out = tmp_path_factory.mktemp("prepared")
+    summary = prepare.prepare_dataset(root, csv_path, out, workers=2, progress=False, **OPTIONS)
+    return out, summary
+
+
+def manifest(out) -> dict:
+    lines = (out / prepare.MANIFEST_FILE).read_text().splitlines()
+    return {e["eid"]: e for e in map(json.loads, lines)}
+
+
+def read_exams(out) -> dict:
+    info = records.read_dataset_info(out)
+    exams = {}
+    for split in info["splits"]:
+        if info["splits"][split]["num_examples"]:
+            source = grain.sources.ArrayRecordDataSource(records.split_paths(out, split, info))
+            for i in range(len(source)):
+                exam = records.decode_exam(source[i])
+                exams[exam["eid"]] = exam
+    return exams
+
+
+def test_manifest_lists_every_subject_with_reasons(cohort, prepared):
+    _, _, truths, reasons = cohort
+    out, summary = prepared
+    dataset = summary["dataset"]
+    assert dataset["line"] == "exams found = 16 = written 9 + rejected 7"
+    assert json.loads((out / prepare.SUMMARY_FILE).read_text()) == dataset
+    entries = manifest(out)
+    assert sorted(entries) == sorted([*truths, CSV_ONLY])
+    for eid, (how, reason) in reasons.items():
+        entry = entries[eid]
+        if how in WRITTEN_BROKEN:
+            assert entry["status"] == "written", eid
+            assert any(t.startswith(reason) for t in entry["absent"] + entry["warnings"]), entry
+        else:
+            assert entry["status"] == "rejected" and entry["reason"].startswith(reason), entry
+    assert entries[CSV_ONLY]["reason"].startswith(f"no exam folder {cohort[0] / CSV_ONLY}")
+    assert "no phenotype CSV row: phenotypes all NaN" in entries[NO_ROW]["warnings"]
+    assert "RVEF (%): not a number 'abc' (NaN)" in entries["3100001"]["warnings"]
+    assert entries["3200000"]["absent"] == ["la_4ch.nii.gz: missing"]
+
+
+def test_dataset_equals_direct_preprocessing_with_phenotypes_joined(cohort, prepared):
+    root, _, truths, _ = cohort
+    out, _ = prepared
+    entries = manifest(out)
+    exams = read_exams(out)
+    assert sorted(exams) == sorted(e for e, v in entries.items() if v["status"] == "written")
+    info = records.read_dataset_info(out)
+    assert info["image_shape"] == [9, 50, 40, 40] and info["num_examples"] == 9
+    for eid, exam in exams.items():
+        direct, _ = preprocess_exam(root / eid, frames=50, size=40)
+        for field in ("images", "labels", "plane_mask", "label_mask", "pixel_spacing"):
+            np.testing.assert_array_equal(exam[field], direct[field], err_msg=f"{eid} {field}")
+        assert entries[eid]["split"] in ("train", "val", "test")
+        expected = np.array([float(f"{v:.6g}") for v in truths[eid]["phenotypes"]], np.float32)
+        if eid == "3100000":
+            expected[layout.phenotype_index("LVM (g)")] = np.nan  # empty cell stays missing
+        if eid == "3100001":
+            expected[layout.phenotype_index("RVEF (%)")] = np.nan
+        if eid == NO_ROW:
+            expected[:] = np.nan
+        np.testing.assert_array_equal(exam["phenotypes"], expected, err_msg=eid)
+    lvm = layout.phenotype_index("LVM (g)")
+    assert np.isnan(exams["3100000"]["phenotypes"][lvm])  # never 0
+    assert not exams["3200000"]["plane_mask"][layout.LA_4CH]
+
+
+def test_geometry_sidecars_restore_labels_into_the_original_grid(cohort, prepared):
+    root, _, truths, _ = cohort
+    out, _ = prepared
+    exams = read_exams(out)
+    geometry = {}
+    for path in sorted(out.glob("geometry-*.jsonl")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            geometry[entry["eid"]] = entry
+    assert sorted(geometry) == sorted(exams)
+    for eid in GOOD:
+        restored = restore_labels(exams[eid]["labels"], geometry[eid], file_labels=False)
+        window = geometry[eid]["views"]["sa"]["slices"]
+        # Back in (X, Y, Z, T): the truth labels [Z, T, H, W] of the window, transposed.
+        expected = truths[eid]["labels_sa"][window].transpose(3, 2, 0, 1)
+        np.testing.assert_array_equal(restored["sa"][:, :, window], expected, err_msg=eid)
+
+
+def test_resume_after_an_interrupted_run(cohort, prepared, tmp_path, monkeypatch):
+    root, csv_path, _, _ = cohort
+    real, calls = prepare._prepare_one, []
+
+    def interrupted(job):
+        calls.append(job["eid"])
+        if len(calls) == 6:  # inside the second shard
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prepare, "_prepare_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
+    assert sorted(records.read_shard_markers(tmp_path)) == [0]
+    assert prepare.complete_shards(tmp_path, 4) == {0}
+    assert not list(tmp_path.glob("*-00001-of-00004.*"))  # nothing of shard 1 looks complete
+    assert not (tmp_path / records.INFO_FILE).exists()
+    first_shard = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00004*")}
+
+    calls.clear()
+    monkeypatch.setattr(prepare, "_prepare_one", lambda job: calls.append(job) or real(job))
+    summary = prepare.prepare_dataset(
+        root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS
+    )
+    assert summary["shards_written"] == 3
+    assert {job["shard"] for job in calls} == {1, 2, 3}  # shard 0 was not redone
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00004*")} == (
+        first_shard
+    )
+    assert summary["dataset"]["line"] == prepared[1]["dataset"]["line"]
+    strip = {
+        e: {k: v for k, v in m.items() if k != "seconds"} for e, m in manifest(tmp_path).items()
+    }
+    expected = {
+        e: {k: v for k, v in m.items() if k != "seconds"} for e, m in manifest(prepared[0]).items()
+    }
+    assert strip == expected
+    # A complete directory is left alone; other arguments are refused.
+    again = prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
+    assert again["exams_processed"] == 0
+    with pytest.raises(ValueError, match="other arguments"):
+        prepare.prepare_dataset(
+            root, csv_path, tmp_path, frames=30, size=40, exams_per_shard=4, progress=False
+        )
+
+
+def test_hosts_split_the_subjects_and_form_one_dataset(cohort, prepared, tmp_path):
+    root, csv_path, _, _ = cohort
+    first = prepare.prepare_dataset(
+        root, csv_path, tmp_path, workers=1, progress=False, host_shard=(0, 2), **OPTIONS
+    )
+    assert "dataset" not in first and first["shards_written"] == 2  # shards 0 and 2
+    assert sorted(records.read_shard_markers(tmp_path)) == [0, 2]
+    second = prepare.prepare_dataset(
+        root, csv_path, tmp_path, workers=1, progress=False, host_shard=(1, 2), **OPTIONS
+    )
+    assert second["dataset"]["line"] == "exams found = 16 = written 9 + rejected 7"
+    merged = records.read_dataset_info(tmp_path)
+    single = records.read_dataset_info(prepared[0])
+    assert merged["splits"] == single["splits"]
+
+
+def test_cli_require_phenotypes_and_bad_arguments(cohort, tmp_path, capsys):
+    root, csv_path, _, _ = cohort
+    args = [
+        "--root",
+        str(root),
+        "--phenotypes",
+        str(csv_path),
+        "--out",
+        str(tmp_path / "d"),
+        "--size",
+        "32",
+        "--frames",
+        "20",
+        "--workers",
+        "1",
+        "--require-phenotypes",
+    ]
+    assert prepare.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "exams found = 16 = written 8 + rejected 8" in printed
+    assert f"rejected {NO_ROW}: no phenotype CSV row (--require-phenotypes)" in printed
+    assert records.read_dataset_info(tmp_path / "d")["image_shape"] == [9, 20, 32, 32]
+    assert prepare.main([*args[:5], str(tmp_path / "e"), "--shard", "2/2"]) == 2
+    assert "--shard 2/2: need 0 <= i < n" in capsys.readouterr().err
+
+
+def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):
+    root, _, truths, _ = cohort
+    rows = {eid: truths[eid]["phenotypes"].copy() for eid in GOOD}
+    lvm = layout.phenotype_index("LVM (g)")
+    rows["3100002"][lvm] *= 1.5  # a wrong CSV value
+    csv_path = tmp_path / "pheno.csv"
+    write_phenotype_csv(csv_path, rows)
+    summary = run_qc(root, csv_path, tmp_path / "qc", workers=1, progress=False)
+    assert summary["exams"] == 15 and summary["computed"] == 14
+    assert summary["failed"] == {
+        "3200008": "seg_sa.nii.gz: missing (ventricular phenotypes need it)"
+    }
+    pairs = [line.split(",") for line in (tmp_path / "qc/qc_pairs.csv").read_text().splitlines()]
+    by_key = {(p[0], p[1]): p for p in pairs[1:]}
+    truth = truths["3100002"]
+    spacing = (truth["pixel_spacing"],) * 2
+    mine = phenotypes_from_segmentations(
+        truth["labels_sa"],
+        truth["long_axis"]["la_2ch"],
+        truth["long_axis"]["la_4ch"],
+        sa_pixel_spacing=spacing,
+        slice_spacing=truth["slice_spacing"],
+        la_2ch_pixel_spacing=spacing,
+        la_4ch_pixel_spacing=spacing,
+        frame_duration=truth["frame_duration"],
+    )
+    for column in ("LVM (g)", "RVEDV (mL)", "LAV max (mL)", "RAEF (%)", "LVCO (L/min)"):
+        assert float(by_key[("3100002", column)][3]) == pytest.approx(mine[column], rel=1e-4)
+    flagged = by_key[("3100002", "LVM (g)")]
+    assert flagged[5] == "True"
+    assert float(flagged[4]) == pytest.approx(mine["LVM (g)"] - float(flagged[2]), rel=1e-4)
+    assert "3100002" in summary["subjects_flagged"]
+    # The full 14-slice stack covers the ventricles: LVEDV agrees with the phantom's truth.
+    lvedv = layout.phenotype_index("LVEDV (mL)")
+    assert mine["LVEDV (mL)"] == pytest.approx(truth["phenotypes"][lvedv], rel=0.1)
+    assert summary["columns"]["LAV max (mL)"]["pairs"] == 6
+    assert math.isfinite(summary["columns"]["LVEDV (mL)"]["mae"])
