@@ -185,3 +185,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
         state = checkpointer.restore_arrays(1)
     assert int(state["step"]) == 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_pretrain_without_dataset_says_how_to_make_one(tmp_path):
+    from whmae.pretrain import check_data_dir
+
+    with pytest.raises(SystemExit, match="run `whmae-generate --out DIR"):
+        check_data_dir(None)
+    with pytest.raises(SystemExit, match="missing' does not exist"):
+        check_data_dir(str(tmp_path / "missing"))
+    assert check_data_dir(str(tmp_path)) == str(tmp_path)
