@@ -6,7 +6,7 @@ import math
 import grain
 import numpy as np
 import pytest
-from ukbb_fixtures import break_exam, make_exam_folder, write_phenotype_csv
+from ukbb_fixtures import break_exam, crash_worker_on_eid, make_exam_folder, write_phenotype_csv
 
 from whmae import layout
 from whmae.data import prepare, records
@@ -280,3 +280,17 @@ def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):
     assert mine["LVEDV (mL)"] == pytest.approx(truth["phenotypes"][lvedv], rel=0.1)
     assert summary["columns"]["LAV max (mL)"]["pairs"] == 6
     assert math.isfinite(summary["columns"]["LVEDV (mL)"]["mae"])
+
+
+def test_a_dying_worker_rejects_only_its_exam():
+    pool = prepare.WorkerPool(2)
+    jobs = [(k // 3, {"eid": eid}) for k, eid in enumerate(("a", "b", "crash", "c", "d", "e"))]
+    try:
+        results = list(prepare._ordered_results(iter(jobs), pool, 4, crash_worker_on_eid))
+    finally:
+        pool.shutdown()
+    assert [(shard, r["eid"], r["status"]) for shard, r in results] == [
+        (0, "a", "written"), (0, "b", "written"), (0, "crash", "rejected"),
+        (1, "c", "written"), (1, "d", "written"), (1, "e", "written"),
+    ]  # fmt: skip
+    assert results[2][1]["reason"].startswith("the worker process died")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -190,3 +191,10 @@ def write_phenotype_csv(path, rows: dict[str, np.ndarray], eid_column: str = "ei
         for eid, values in rows.items():
             cells = ["" if math.isnan(v) else f"{v:.6g}" for v in np.asarray(values, float)]
             writer.writerow([eid, *cells, "1"])
+
+
+def crash_worker_on_eid(job: dict) -> dict:
+    """A `prepare` worker stand-in that kills its process for eid "crash" (os._exit)."""
+    if job["eid"] == "crash":
+        os._exit(3)
+    return {"eid": job["eid"], "status": "written"}

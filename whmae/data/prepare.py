@@ -147,6 +147,15 @@ class _Inline:
     def result(self):
         return self.value
 
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self):
+        return None
+
 
 def _atomic_write_lines(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -279,22 +288,17 @@ def prepare_dataset(
 
     total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
     start, counts = time.perf_counter(), collections.Counter()
-    executor = None
-    if workers > 1 and total > 1:
-        executor = concurrent.futures.ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),  # safe beside JAX threads
-        )
+    pool = WorkerPool(workers) if workers > 1 and total > 1 else None
     try:
         with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
-            ahead = 0 if executor is None else 2 * workers  # bounded: exams wait in memory
-            results = _ordered_results(jobs(), executor, lookahead=ahead)
+            ahead = 0 if pool is None else 2 * workers  # bounded: exams wait in memory
+            results = _ordered_results(jobs(), pool, lookahead=ahead)
             for shard, group in itertools.groupby(results, key=lambda r: r[0]):
                 entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar)
                 counts.update(e["status"] for e in entries)
     finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.shutdown()
     seconds = time.perf_counter() - start
     summary = {
         "host_shard": f"{host}/{hosts}",
@@ -320,23 +324,69 @@ def prepare_dataset(
     return summary
 
 
-def _ordered_results(jobs, executor, lookahead: int):
-    """(shard, result) in job order, keeping up to `lookahead` exams in flight."""
+class WorkerPool:
+    """Spawn-safe worker processes that come back after a worker dies (out of memory, a
+    crash in a C extension): one bad exam must not stop the run."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = self._start()
+
+    def _start(self):
+        context = multiprocessing.get_context("spawn")  # safe beside JAX threads
+        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+
+    def submit(self, work, job):
+        return self.executor.submit(work, job)
+
+    def restart(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._start()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+
+def _ordered_results(jobs, pool: WorkerPool | None, lookahead: int, work=None):
+    """(shard, result) in job order, keeping up to `lookahead` exams in flight.
+
+    When a worker process dies, the unfinished exams are rerun one at a time in a fresh
+    pool; the exam whose worker dies again is rejected, the others go on.
+    """
+    work = _prepare_one if work is None else work
     pending = collections.deque()
-    for shard, job in jobs:
+
+    def start(job):
         if "status" in job:  # decided without reading files
-            future = _Inline(job)
-        elif executor is None:
-            future = _Inline(_prepare_one(job))
-        else:
-            future = executor.submit(_prepare_one, job)
-        pending.append((shard, future))
+            return _Inline(job)
+        return _Inline(work(job)) if pool is None else pool.submit(work, job)
+
+    def finish(item):
+        shard, _, future = item
+        try:
+            return shard, future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            # Rerun the unfinished exams one at a time in a fresh pool to find the culprit.
+            for other in (item, *pending):
+                if not (other[2].done() and not other[2].cancelled() and not other[2].exception()):
+                    other[2] = _Inline(_isolated(other[1], other[0]))
+            return shard, item[2].result()
+
+    def _isolated(job, shard):
+        pool.restart()
+        try:
+            return pool.submit(work, job).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            pool.restart()
+            reason = "the worker process died while preparing it (out of memory? a crash?)"
+            return {"eid": job["eid"], "shard": shard, "status": "rejected", "reason": reason}
+
+    for shard, job in jobs:
+        pending.append([shard, job, start(job)])
         while len(pending) > lookahead:
-            shard_done, done = pending.popleft()
-            yield shard_done, done.result()
+            yield finish(pending.popleft())
     while pending:
-        shard_done, done = pending.popleft()
-        yield shard_done, done.result()
+        yield finish(pending.popleft())
 
 
 def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, group, bar) -> list[dict]:
