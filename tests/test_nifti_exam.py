@@ -244,3 +244,15 @@ def test_broken_long_axis_and_segmentation_become_absent(tmp_path):
     assert geometry["absent"][0].startswith("la_4ch.nii.gz: expected 4-D (X, Y, 1, T)")
     assert "slice rule reference fell back to centre" in geometry["warnings"]
     assert geometry["views"]["sa"]["slices"] == [2, 3, 4, 5, 6, 7]  # centre of 10
+
+
+def test_unexpected_segmentation_values_leave_the_plane_unlabelled(tmp_path):
+    make_exam_folder(tmp_path, "5", 9, size=48, frames=20, long_axis=False)
+    path = tmp_path / "5" / "seg_sa.nii.gz"
+    seg = nib.load(str(path))
+    data = np.asanyarray(seg.dataobj).copy()
+    data[0, 0, 0, 0] = 7  # a label value outside the UK Biobank convention, at ED
+    nib.save(nib.Nifti1Image(data, seg.affine, seg.header), str(path))
+    exam, geometry = preprocess_exam(tmp_path / "5", frames=20, size=40)
+    assert exam["plane_mask"][SA].all() and not exam["label_mask"][SA].any()
+    assert geometry["warnings"][0].startswith("seg_sa.nii.gz: unexpected label values [7]")

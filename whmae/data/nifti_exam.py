@@ -137,10 +137,13 @@ def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
     return data.transpose(2, 3, 1, 0), info
 
 
-def load_segmentation(folder: Path, view: str, shape, convention: str) -> tuple[np.ndarray, dict]:
+def load_segmentation(
+    folder: Path, view: str, shape, convention: str | None
+) -> tuple[np.ndarray, dict]:
     """A view's labels as uint8 layout classes [Z, T, H, W] and its header dict.
 
-    shape: the image's [Z, T, H, W] to match, or None. ExamError if unusable.
+    shape: the image's [Z, T, H, W] to match, or None. convention None: the file's labels,
+    not remapped (a view; remap the parts you use). ExamError if unusable.
     """
     name = nifti_name(SEGMENTATION_FILE[view])
     data, info = read_nifti(folder / name)
@@ -152,10 +155,17 @@ def load_segmentation(folder: Path, view: str, shape, convention: str) -> tuple[
             f"{name}: shape {data.shape} does not match its image (X, Y, Z, T) "
             f"{tuple(shape[i] for i in (3, 2, 0, 1))}"
         )
+    if convention is None:
+        return labels, info
+    return remap_segmentation(labels, view, convention), info
+
+
+def remap_segmentation(labels: np.ndarray, view: str, convention: str) -> np.ndarray:
+    """`label_maps.remap_labels`, raising ExamError that names the view's file."""
     try:
-        return label_maps.remap_labels(labels, view, convention), info
+        return label_maps.remap_labels(labels, view, convention)
     except ValueError as e:
-        raise ExamError(f"{name}: {e}") from None
+        raise ExamError(f"{nifti_name(SEGMENTATION_FILE[view])}: {e}") from None
 
 
 def select_short_axis_slices(
@@ -291,12 +301,22 @@ def preprocess_exam(
             "slice selection needs it)"
         )
     short_axis, sa_info = load_view(folder, "sa")
-    seg_sa = _optional_segmentation(folder, "sa", short_axis.shape, label_convention, geometry)
-    slices, rule_used = select_short_axis_slices(seg_sa, short_axis.shape[0], slice_rule)
+    # Remap only frame 0 (for the slice choice) and the window, not the whole stack.
+    seg_sa = _optional_segmentation(folder, "sa", short_axis.shape, None, geometry)
+    window_seg = None
+    try:
+        ed_seg = (
+            None if seg_sa is None else remap_segmentation(seg_sa[:, :1], "sa", label_convention)
+        )
+        slices, rule_used = select_short_axis_slices(ed_seg, short_axis.shape[0], slice_rule)
+        if seg_sa is not None:
+            window_seg = remap_segmentation(seg_sa[slices], "sa", label_convention)
+    except ExamError as e:
+        geometry["warnings"].append(f"{e} (plane unlabelled)")
+        slices, rule_used = select_short_axis_slices(None, short_axis.shape[0], slice_rule)
     if rule_used != slice_rule:
         geometry["warnings"].append(f"slice rule {slice_rule} fell back to {rule_used}")
     height, width = short_axis.shape[2:]
-    window_seg = None if seg_sa is None else seg_sa[slices]
     row, col = crop_offsets(None if window_seg is None else window_seg > 0, height, width, size)
     planes = list(layout.SHORT_AXIS_PLANES)
     window = crop(short_axis[slices], row, col, size, sa_info["min"]).astype(np.float32)
@@ -353,7 +373,8 @@ def preprocess_exam(
 
 
 def _optional_segmentation(folder, view, shape, convention, geometry) -> np.ndarray | None:
-    """A view's remapped labels, or None (absent or unusable; the reason goes to warnings)."""
+    """A view's labels (remapped unless convention is None), or None (absent or unusable;
+    the reason goes to warnings)."""
     name = nifti_name(SEGMENTATION_FILE[view])
     if not (folder / name).is_file():
         geometry["warnings"].append(f"{name}: missing (plane unlabelled)")
