@@ -290,7 +290,37 @@ def test_a_dying_worker_rejects_only_its_exam():
     finally:
         pool.shutdown()
     assert [(shard, r["eid"], r["status"]) for shard, r in results] == [
-        (0, "a", "written"), (0, "b", "written"), (0, "crash", "rejected"),
-        (1, "c", "written"), (1, "d", "written"), (1, "e", "written"),
-    ]  # fmt: skip
+        (0, "a", "written"),
+        (0, "b", "written"),
+        (0, "crash", "rejected"),
+        (1, "c", "written"),
+        (1, "d", "written"),
+        (1, "e", "written"),
+    ]
     assert results[2][1]["reason"].startswith("the worker process died")
+
+
+def test_the_training_pipeline_reads_the_prepared_dataset(prepared):
+    from whmae.data.pipeline import make_pipeline
+
+    out, _ = prepared
+    exams = read_exams(out)
+    batches = make_pipeline(
+        out,
+        "train",
+        batch_size=2,
+        fields=records.ALL_FIELDS,
+        shuffle=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        read_threads=0,
+    )
+    seen = 0
+    for batch in batches:
+        assert batch["images"].shape == (2, 9, 50, 40, 40)
+        for i, eid in enumerate(batch["eid"]):
+            np.testing.assert_array_equal(batch["labels"][i], exams[str(eid)]["labels"])
+            np.testing.assert_array_equal(batch["phenotypes"][i], exams[str(eid)]["phenotypes"])
+        seen += 2
+    assert seen == records.read_dataset_info(out)["splits"]["train"]["num_examples"] // 2 * 2 > 0

@@ -1,0 +1,130 @@
+"""Throughput of `whmae-prepare` on UK Biobank-sized NIfTI exams, and where the time goes.
+
+    python benchmarks/bench_prepare.py --exams 40 --workers 1 2 --out bench_prepare.json
+
+Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
+frames (1.85 mm pixels, 10 mm slices), three long-axis views 200 x 200 x 1 x 50, int16
+images and uint8 segmentations, gzip-compressed by nibabel. `--unique` subjects are
+rendered (slow at this size) and copied to `--exams` folders with distinct eids. Every
+file is read once before timing (page cache; a network file system adds its own cost).
+
+Reports, per worker count, exams/s of the whole `prepare_dataset` run (read, preprocess,
+write shards, finalize) and its CPU seconds per exam (parent + workers): on a shared,
+busy machine wall time mostly measures the neighbours, CPU time the work. Also, in one
+process, the seconds per exam spent inflating the gzip streams (zlib) vs the whole
+preprocessing, and the 100k-exam plan: CPU seconds per exam x 100,000 / cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
+
+from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
+from whmae.data.prepare import prepare_dataset  # noqa: E402
+
+
+def build_cohort(root: Path, exams: int, unique: int) -> Path:
+    """`exams` folders of `unique` rendered subjects; returns the phenotype CSV."""
+    rows = {}
+    for index in range(unique):
+        eid = f"{5_000_000 + index}"
+        if not (root / eid / "seg_la_4ch.nii.gz").is_file():
+            make_exam_folder(root, eid, index, size=200, frames=50, num_slices=10, fov_mm=370)
+    sources = [root / f"{5_000_000 + i}" for i in range(unique)]
+    for k in range(exams):
+        eid, source = f"{5_000_000 + k}", sources[k % unique]
+        if not (root / eid).is_dir():
+            shutil.copytree(source, root / eid)
+        rows[eid] = [float(k)] * 18
+    csv_path = root.parent / "phenotypes.csv"
+    write_phenotype_csv(csv_path, rows)
+    return csv_path
+
+
+def stage_seconds(folder: Path, repeats: int = 3) -> dict:
+    """CPU seconds per exam inflating its .nii.gz files vs the whole preprocess_exam."""
+    inflate, total = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        for path in folder.glob("*.nii.gz"):
+            zlib.decompress(path.read_bytes(), wbits=31)
+        inflate.append(time.process_time() - start)
+        start = time.process_time()
+        preprocess_exam(folder)
+        total.append(time.process_time() - start)
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.nii.gz"))}
+    return {
+        "gzip_inflate_cpu_s": min(inflate),
+        "preprocess_exam_cpu_s": min(total),
+        "compressed_bytes": sizes,
+    }
+
+
+def _cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--exams", type=int, default=40)
+    parser.add_argument("--unique", type=int, default=2, help="rendered subjects (slow)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--data", default=None, help="keep the NIfTI cohort here (reuse)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    root = Path(args.data) if args.data else scratch / "exams"
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    csv_path = build_cohort(root, args.exams, args.unique)
+    print(f"cohort of {args.exams} exams in {root} ({time.perf_counter() - start:.0f} s)")
+    for path in root.rglob("*.nii.gz"):  # warm the page cache
+        path.read_bytes()
+    results = {
+        "exams": args.exams,
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "stages": stage_seconds(root / "5000000"),
+        "runs": [],
+    }
+    for workers in args.workers:
+        out = scratch / f"out_{workers}"
+        cpu_before = _cpu_seconds()
+        summary = prepare_dataset(
+            root, csv_path, out, workers=workers, exams_per_shard=16, progress=False
+        )
+        cpu = _cpu_seconds() - cpu_before  # this process and its (joined) workers
+        run = {
+            "workers": workers,
+            "seconds": summary["seconds"],
+            "exams_per_second": summary["exams_per_second"],
+            "cpu_seconds_per_exam": round(cpu / args.exams, 4),
+            "written": summary["written"],
+        }
+        # On idle cores a worker spends about cpu / exams seconds per exam.
+        run["plan_100k_hours_per_16_cores"] = round(cpu / args.exams * 100_000 / 16 / 3600, 2)
+        results["runs"].append(run)
+        print(json.dumps(run))
+        shutil.rmtree(out)
+    print(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    shutil.rmtree(scratch)
+
+
+if __name__ == "__main__":
+    main()
