@@ -256,3 +256,19 @@ def test_unexpected_segmentation_values_leave_the_plane_unlabelled(tmp_path):
     exam, geometry = preprocess_exam(tmp_path / "5", frames=20, size=40)
     assert exam["plane_mask"][SA].all() and not exam["label_mask"][SA].any()
     assert geometry["warnings"][0].startswith("seg_sa.nii.gz: unexpected label values [7]")
+
+
+def test_long_axis_crop_central_or_on_the_atria(folders):
+    folder, truth = folders["2000002"]  # 80 x 80
+    atria = truth["long_axis"]["la_4ch"] >= layout.LA  # [T, H, W] LA and RA
+    central, geometry = preprocess_exam(folder, frames=30, size=48)
+    assert geometry["views"]["la_4ch"]["crop"] == [16, 16]
+    exam, geometry = preprocess_exam(folder, frames=30, size=48, la_crop="label")
+    row, col = geometry["views"]["la_4ch"]["crop"]
+    rows, cols = np.flatnonzero(atria.any((0, 2))), np.flatnonzero(atria.any((0, 1)))
+    centre = ((rows[0] + rows[-1] + 1) // 2 - 24, (cols[0] + cols[-1] + 1) // 2 - 24)
+    assert (row, col) == tuple(int(np.clip(c, 0, 32)) for c in centre)
+    # Centred on the atria, a crop larger than their extent keeps all of them.
+    assert rows[-1] - rows[0] < 48 and cols[-1] - cols[0] < 48
+    assert (exam["labels"][layout.LA_4CH] >= layout.LA).sum() == atria.sum()
+    np.testing.assert_array_equal(exam["labels"][SA], central["labels"][SA])
