@@ -251,40 +251,10 @@ def prepare_dataset(
     def jobs():
         for shard in todo:
             for eid in eids[shard * exams_per_shard : (shard + 1) * exams_per_shard]:
-                entry = {"eid": eid, "shard": shard}
-                flags = list(cell_warnings.get(eid, []))
-                if eid not in folders:
-                    yield (
-                        shard,
-                        {
-                            **entry,
-                            "status": "rejected",
-                            "reason": f"no exam folder {Path(root) / eid} (CSV row only)",
-                        },
-                    )
-                    continue
-                if eid not in phenotypes:
-                    if require_phenotypes:
-                        yield (
-                            shard,
-                            {
-                                **entry,
-                                "status": "rejected",
-                                "reason": "no phenotype CSV row (--require-phenotypes)",
-                            },
-                        )
-                        continue
-                    flags.append("no phenotype CSV row: phenotypes all NaN")
-                yield (
-                    shard,
-                    {
-                        **entry,
-                        "folder": str(Path(root) / eid),
-                        "flags": flags,
-                        "phenotypes": phenotypes.get(eid),
-                        "options": options,
-                    },
-                )
+                job = _job(eid, shard, root, folders, phenotypes, require_phenotypes)
+                if "status" not in job:
+                    job.update(options=options, flags=job["flags"] + cell_warnings.get(eid, []))
+                yield shard, job
 
     total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
     start, counts = time.perf_counter(), collections.Counter()
@@ -322,6 +292,22 @@ def prepare_dataset(
             },
         )
     return summary
+
+
+def _job(eid, shard, root, folders, phenotypes, require_phenotypes) -> dict:
+    """A worker's job for one subject, or its rejection when no files need reading."""
+    entry = {"eid": eid, "shard": shard}
+    if eid not in folders:
+        reason = f"no exam folder {Path(root) / eid} (CSV row only)"
+        return {**entry, "status": "rejected", "reason": reason}
+    flags = []
+    if eid not in phenotypes:
+        if require_phenotypes:
+            reason = "no phenotype CSV row (--require-phenotypes)"
+            return {**entry, "status": "rejected", "reason": reason}
+        flags.append("no phenotype CSV row: phenotypes all NaN")
+    folder = str(Path(root) / eid)
+    return {**entry, "folder": folder, "phenotypes": phenotypes.get(eid), "flags": flags}
 
 
 class WorkerPool:
