@@ -9,9 +9,8 @@ import pytest
 from ukbb_fixtures import break_exam, crash_worker_on_eid, make_exam_folder, write_phenotype_csv
 
 from whmae import layout
-from whmae.data import prepare, records
+from whmae.data import prepare, qc, records
 from whmae.data.nifti_exam import preprocess_exam, restore_labels
-from whmae.data.qc import run_qc
 from whmae.phenotypes import phenotypes_from_segmentations
 
 GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
@@ -250,7 +249,9 @@ def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):
     rows["3100002"][lvm] *= 1.5  # a wrong CSV value
     csv_path = tmp_path / "pheno.csv"
     write_phenotype_csv(csv_path, rows)
-    summary = run_qc(root, csv_path, tmp_path / "qc", workers=1, progress=False)
+    args = ["--root", str(root), "--phenotypes", str(csv_path), "--out", str(tmp_path / "qc")]
+    assert qc.main([*args, "--workers", "2"]) == 0
+    summary = json.loads((tmp_path / "qc" / qc.SUMMARY_FILE).read_text())
     assert summary["exams"] == 15 and summary["computed"] == 14
     assert summary["failed"] == {
         "3200008": "seg_sa.nii.gz: missing (ventricular phenotypes need it)"

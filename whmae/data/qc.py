@@ -149,14 +149,18 @@ def run_qc(
     _, folders = list_subjects(root, csv_rows)
     eids = sorted(folders)
     jobs = [(str(Path(root) / eid), convention) for eid in eids]
-    bar = tqdm(total=len(jobs), unit="exam", desc="qc", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = [r for r in pool.map(_qc_one, jobs, chunksize=4) if not bar.update(1)]
-    else:
-        results = [r for r in map(_qc_one, jobs) if not bar.update(1)]
-    bar.close()
+    results = []
+    with tqdm(total=len(jobs), unit="exam", desc="qc", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for result in pool.map(_qc_one, jobs, chunksize=4):
+                    results.append(result)
+                    bar.update(1)
+        else:
+            for job in jobs:
+                results.append(_qc_one(job))
+                bar.update(1)
     computed = {eid: r for eid, (r, _) in zip(eids, results, strict=True) if r is not None}
     failed = {eid: reason for eid, (_, reason) in zip(eids, results, strict=True) if reason}
     pairs, columns = compare(computed, csv_rows, tolerance)
