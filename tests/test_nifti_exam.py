@@ -219,6 +219,9 @@ def test_frame_duration_units():
     assert np.isnan(frame_duration_seconds({**info, "zooms": [1, 1, 1, 1.0]}))
     ms = {"zooms": [1, 1, 1, 30.0], "time_unit": "msec"}
     assert frame_duration_seconds(ms) == pytest.approx(0.03)
+    assert frame_duration_seconds({**ms, "time_unit": "sec"}) == pytest.approx(0.03)  # a slip
+    assert frame_duration_seconds({**ms, "zooms": [1, 1, 1, 0.04], "time_unit": "sec"}) == 0.04
+    assert np.isnan(frame_duration_seconds({**ms, "zooms": [1, 1, 1, 2000.0]}))
 
 
 @pytest.mark.parametrize(

@@ -97,19 +97,19 @@ def read_nifti(path: Path) -> tuple[np.ndarray, dict]:
 def frame_duration_seconds(info: dict) -> float:
     """Seconds per frame from the header's 4th zoom and time unit; NaN if not recorded.
 
-    With no unit, values of 5-500 are taken as ms and 0.005-0.5 as s (cine frames last
-    ~20-60 ms); anything else (e.g. nibabel's default 1.0) is unknown.
+    Cine frames last ~5-500 ms. With no unit, or a unit that gives an implausible frame
+    (converters often write ms under "sec"), the magnitude decides: 5-500 is ms,
+    0.005-0.5 is s; anything else (e.g. nibabel's default 1.0) is unknown.
     """
     if len(info["zooms"]) < 4:
         return math.nan
     value = info["zooms"][3]
-    if info["time_unit"] in _TIME_UNITS:
-        value *= _TIME_UNITS[info["time_unit"]]
-    elif 5.0 <= value <= 500.0:
-        value *= 1e-3
-    elif not 0.005 <= value <= 0.5:
-        return math.nan
-    return value if value > 0 else math.nan
+    seconds = value * _TIME_UNITS.get(info["time_unit"], math.nan)
+    if 0.005 <= seconds <= 0.5:
+        return seconds
+    if 5.0 <= value <= 500.0:
+        return value * 1e-3
+    return value if 0.005 <= value <= 0.5 else math.nan
 
 
 def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
@@ -330,6 +330,8 @@ def preprocess_exam(
     geometry["views"]["sa"] = _view_geometry("sa", sa_info, spacing[planes[0]], slices, row, col)
     geometry["views"]["sa"].update(planes=planes, slice_rule=rule_used, slice_spacing=zooms[2])
     frame_duration = geometry["views"]["sa"]["frame_duration"] * sa_info["shape"][3] / frames
+    if math.isnan(frame_duration):
+        geometry["warnings"].append("sa.nii.gz: no frame duration in the header (pixdim[4])")
 
     for plane, stem in enumerate(LONG_AXIS_VIEWS):
         if not (folder / nifti_name(stem)).is_file():
