@@ -42,12 +42,13 @@ VITA = dict(
 
 
 def random_reference(seed: int, **shape) -> ReconMAE:
-    """The reference module with every parameter random (norms and biases too)."""
+    """The reference module with every parameter random: torch's default init for the
+    weight matrices (a realistic scale at any width), noise on norms and biases."""
     torch.manual_seed(seed)
     model = ReconMAE(**shape).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "pos_embed" not in name:
+        for p in model.parameters():
+            if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
