@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown pretrain variant {variant!r}; expected one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.data = dict(dir=None, batch_size=1, worker_count=0, seed=0)
+    c.data = dict(dir="", batch_size=1, worker_count=0, seed=0)
     c.optim = dict(
         name="adam",
         lr=1e-4,

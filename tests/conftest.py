@@ -1,11 +1,16 @@
 """Test set-up: 8 emulated CPU devices, set before JAX initialises."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A compilation cache shared by the xdist workers and the subprocesses tests start.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "whmae-test-jax-cache")
+)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

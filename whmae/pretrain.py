@@ -9,10 +9,10 @@ on SIGTERM the run saves a checkpoint and exits with status 0.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from whmae.train import distributed
@@ -53,7 +53,7 @@ def check_data_dir(data_dir: str | None) -> str:
             "error: no dataset given. Pass --config.data.dir=DIR; to make a synthetic "
             f"phantom dataset first run `{_GENERATE_HINT.format(dir='DIR')}`."
         )
-    if not os.path.isdir(data_dir):
+    if not epath.Path(data_dir).is_dir():  # epath: local paths and gs:// alike
         raise SystemExit(
             f"error: dataset directory {data_dir!r} does not exist. Run "
             f"`{_GENERATE_HINT.format(dir=data_dir)}` for a synthetic one (sized for the tiny "

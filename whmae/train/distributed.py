@@ -58,9 +58,17 @@ def detected_launcher() -> str | None:
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         return "slurm"
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1:
+    if len(hosts) > 1 or _on_gce_tpu_vm():
         return "cloud_tpu"
     return None
+
+
+def _on_gce_tpu_vm() -> bool:
+    """A Cloud TPU VM (created with gcloud, not GKE): JAX's own detector, which asks the
+    metadata server only when the machine has TPU chips."""
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+    return GceTpuCluster.is_env_present()
 
 
 def maybe_initialize(mode: str = "auto") -> bool:

@@ -105,7 +105,7 @@ def make_train_step(
         step_key = jax.random.fold_in(key, state.step)
 
         def loss_of(params):
-            model = nnx.merge(graphdef, params, state.rest)
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
             loss, aux = loss_fn(model, batch, step_key)
             return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
