@@ -1,0 +1,243 @@
+"""Segmentation evaluation: Dice and HD95 (mm) per view and class, and the phenotypes
+derived from predicted vs true segmentations.
+
+  python -m whmae.evaluate segmentation --model all_planes=runs/seg --data DIR --out DIR
+
+Views and their classes: short_axis (planes sa_0..sa_5: LV blood pool, LV myocardium,
+RV blood pool), la_2ch (LA), la_4ch (LA, RA); la_3ch has no labels. Only planes that are
+acquired and labelled in the truth (plane_mask & label_mask) count.
+  Dice   per exam, view and class over all its labelled planes and frames (one volume);
+         undefined (null) when the class is absent from truth and prediction, and then
+         left out of the means (never counted as 1.0).
+  HD95   per (plane, frame) image in mm (row, col pixel spacing), averaged over the
+         images where both truth and prediction hold the class -> one value per exam;
+         an exam where the class is on one side only has +inf (counted in
+         n_infinite, left out of the mean); absent on both sides: undefined.
+Phenotypes: `whmae.phenotypes.phenotypes_from_exam` on the predicted and on the true
+labels of each exam; an exam whose prediction gives no phenotype (e.g. no LV at ED)
+counts in `phenotype_failures` and is left out of that column.
+
+metrics.json (schema_version 1):
+  task "segmentation", split, data_dir, models:
+    {name: {"num_exams": int,
+            "dice":    {view: {class_name: SUMMARY}},
+            "hd95_mm": {view: {class_name: SUMMARY}},
+            "mean_dice": {class_name: float}   the mean over views of each class's mean
+            "phenotypes": {column: STATS}       (as in whmae.evaluate.phenotypes), predicted
+                                                segmentation's value vs the truth's
+            "phenotype_failures": int,
+            "plots": [file]}}                   overlay PNGs beside the JSON
+  SUMMARY {"mean", "sd", "n", "n_undefined", "n_infinite"} over exams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from whmae import layout
+from whmae.evaluate import plots
+from whmae.evaluate.metrics import dice, hd95, regression_stats, summary
+from whmae.evaluate.phenotypes import parse_models
+from whmae.evaluate.results import SCHEMA_VERSION, format_table, jsonable, write_metrics
+from whmae.phenotypes import phenotype_vector, phenotypes_from_exam
+
+__all__ = ["VIEWS", "evaluate_segmentation", "exam_scores", "main", "segmentation_table"]
+
+VIEWS = {
+    "short_axis": (layout.SHORT_AXIS_PLANES, layout.SHORT_AXIS_CLASSES),
+    "la_2ch": ((layout.LA_2CH,), (layout.LA,)),
+    "la_4ch": ((layout.LA_4CH,), (layout.LA, layout.RA)),
+}
+EXAM_FIELDS = ("pixel_spacing", "plane_mask", "label_mask", "slice_spacing", "frame_duration")
+
+
+def _exam_hd95(pred: np.ndarray, truth: np.ndarray, spacings, label: int) -> float:
+    """Mean HD95 over the [P, T] images of one exam's view (see module docstring)."""
+    values = [hd95(pred[p, t], truth[p, t], spacings[p], label)
+              for p in range(pred.shape[0]) for t in range(pred.shape[1])]  # fmt: skip
+    values = np.asarray(values)
+    finite = values[np.isfinite(values)]
+    if len(finite):
+        return float(finite.mean())
+    return math.inf if np.isinf(values).any() else math.nan
+
+
+def exam_scores(pred, truth, labelled, pixel_spacing) -> dict[str, dict[str, dict[str, float]]]:
+    """Dice and HD95 of one exam: {"dice"|"hd95_mm": {view: {class_name: value}}}.
+
+    pred, truth: [9, T, H, W] labels; labelled: bool [9]; pixel_spacing [9, 2] mm.
+    Views without a labelled plane are left out."""
+    scores = {"dice": {}, "hd95_mm": {}}
+    for view, (planes, classes) in VIEWS.items():
+        planes = [p for p in planes if labelled[p]]
+        if not planes:
+            continue
+        p, t = pred[planes], truth[planes]
+        spacings = np.asarray(pixel_spacing)[planes]
+        names = [layout.CLASS_NAMES[c] for c in classes]
+        scores["dice"][view] = {n: dice(p, t, c) for n, c in zip(names, classes, strict=True)}
+        scores["hd95_mm"][view] = {n: _exam_hd95(p, t, spacings, c)
+                                   for n, c in zip(names, classes, strict=True)}  # fmt: skip
+    return scores
+
+
+def _phenotypes(exam: dict, labels: np.ndarray) -> np.ndarray | None:
+    try:
+        return phenotype_vector(phenotypes_from_exam({**exam, "labels": labels}))
+    except ValueError:
+        return None
+
+
+def evaluate_segmentation(result: Mapping) -> dict:
+    """Metrics of one model's `predict_segmentation` result (module docstring, one entry
+    of `models`). result: pred, labels uint8 [N, 9, T, H, W], label_mask, plane_mask [N, 9],
+    pixel_spacing [N, 9, 2], slice_spacing [N], frame_duration [N], eid [N]."""
+    missing = [k for k in ("pred", "labels", *EXAM_FIELDS) if k not in result]
+    if missing:
+        raise ValueError(f"segmentation result lacks {missing}")
+    pred, truth = np.asarray(result["pred"]), np.asarray(result["labels"])
+    if pred.shape != truth.shape or pred.ndim != 5 or pred.shape[1] != layout.NUM_PLANES:
+        raise ValueError(f"pred {pred.shape} and labels {truth.shape} must both be [N, 9, T, H, W]")
+    n = len(pred)
+    eids = np.asarray(result.get("eid", np.arange(n))).astype(str)
+    labelled = np.asarray(result["plane_mask"], bool) & np.asarray(result["label_mask"], bool)
+    per_exam = [exam_scores(pred[i], truth[i], labelled[i], result["pixel_spacing"][i])
+                for i in range(n)]  # fmt: skip
+    out = {"num_exams": n}
+    for metric in ("dice", "hd95_mm"):
+        out[metric] = {}
+        for view, (_, classes) in VIEWS.items():
+            for name in (layout.CLASS_NAMES[c] for c in classes):
+                values = [s[metric][view][name] for s in per_exam if view in s[metric]]
+                if values:
+                    out[metric].setdefault(view, {})[name] = summary(values)
+    out["mean_dice"] = {}
+    for name in layout.CLASS_NAMES[1:]:
+        means = [v[name]["mean"] for v in out["dice"].values() if name in v]
+        means = [m for m in means if math.isfinite(m)]
+        out["mean_dice"][name] = float(np.mean(means)) if means else math.nan
+
+    predicted, true = [], []
+    failures = 0
+    for i in range(n):
+        exam = {"eid": eids[i], **{k: np.asarray(result[k][i]) for k in EXAM_FIELDS}}
+        from_truth, from_pred = _phenotypes(exam, truth[i]), _phenotypes(exam, pred[i])
+        nan_row = np.full(layout.NUM_PHENOTYPES, np.nan, np.float32)
+        failures += from_pred is None and from_truth is not None
+        true.append(nan_row if from_truth is None else from_truth)
+        predicted.append(nan_row if from_pred is None else from_pred)
+    predicted, true = np.stack(predicted), np.stack(true)
+    out["phenotypes"] = {c: regression_stats(predicted[:, k], true[:, k])
+                         for k, c in enumerate(layout.PHENOTYPE_COLUMNS)}  # fmt: skip
+    out["phenotype_failures"] = int(failures)
+    return out
+
+
+def segmentation_table(metrics: Mapping, *, markdown: bool = False) -> str:
+    """Rows of (model, view, class, Dice mean +- SD, HD95 mean +- SD, n, undefined)."""
+    metrics = jsonable(metrics)
+    rows = []
+    for name, model in metrics["models"].items():
+        for view, classes in model["dice"].items():
+            for cls, d in classes.items():
+                h = model["hd95_mm"][view][cls]
+                rows.append([name, view, cls, _pm(d), _pm(h), d["n"], d["n_undefined"],
+                             h["n_infinite"]])  # fmt: skip
+    header = ["model", "view", "class", "Dice", "HD95 mm", "n", "undefined", "HD95 inf"]
+    return format_table(header, rows, markdown=markdown)
+
+
+def _pm(s: Mapping) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.3f} +- {s['sd']:.3f}" if s["sd"] is not None else f"{s['mean']:.3f}"
+
+
+def overlay_rows(result: Mapping, index: int, images=None) -> list[tuple]:
+    """(label, image, truth, pred) rows of exam `index` at ED (frame 0) and ES (the truth's
+    minimum LV blood pool frame): la_2ch, la_4ch and the middle short-axis slice."""
+    truth, pred = result["labels"][index], result["pred"][index]
+    labelled = np.asarray(result["plane_mask"][index]) & np.asarray(result["label_mask"][index])
+    lv = np.count_nonzero(truth[list(layout.SHORT_AXIS_PLANES)] == layout.LV_BLOOD_POOL,
+                          axis=(0, 2, 3))  # fmt: skip
+    es = int(np.argmin(np.where(lv > 0, lv, np.iinfo(np.int64).max))) if lv.any() else 0
+    rows = []
+    for plane in (layout.LA_2CH, layout.LA_4CH, layout.SHORT_AXIS_PLANES[2]):
+        if not labelled[plane]:
+            continue
+        for frame, phase in ((0, "ED"), (es, "ES")):
+            image = None if images is None else images[plane, frame] / 255.0
+            rows.append((f"{layout.PLANE_NAMES[plane]} {phase}", image, truth[plane, frame],
+                         pred[plane, frame]))  # fmt: skip
+    return rows
+
+
+def _dataset_images(data_dir, split: str, eids) -> dict[str, np.ndarray]:
+    from whmae.data.pipeline import make_pipeline
+
+    wanted, found = set(eids), {}
+    for batch in make_pipeline(data_dir, split, batch_size=8, fields=("eid", "images"),
+                               shuffle=False, num_epochs=1, drop_remainder=False,
+                               process_index=0, process_count=1):  # fmt: skip
+        for eid, images in zip(batch["eid"].astype(str), batch["images"], strict=True):
+            if eid in wanted:
+                found[eid] = images
+    return found
+
+
+def run(models: Mapping[str, str], data_dir: str, split: str, out_dir: str, *,
+        batch_size: int = 4, overlays: int = 2) -> dict:  # fmt: skip
+    """predict_segmentation with each model, evaluate, write metrics.json and overlays."""
+    from whmae.tasks.predict import predict_segmentation
+
+    out = Path(out_dir)
+    entries = {}
+    for name, path in models.items():
+        result = predict_segmentation(path, data_dir, split, batch_size=batch_size)
+        entry = evaluate_segmentation(result)
+        eids = np.asarray(result["eid"]).astype(str)[:overlays]
+        images = _dataset_images(data_dir, split, eids)
+        entry["plots"] = []
+        for i, eid in enumerate(eids):
+            rows = overlay_rows(result, i, images.get(eid))
+            if rows:
+                png = plots.segmentation_overlay(out / f"overlay_{name}_{eid}.png", rows,
+                                                 title=f"{name}: exam {eid}")  # fmt: skip
+                entry["plots"].append(png.name)
+        entries[name] = entry
+    metrics = {"task": "segmentation", "schema_version": SCHEMA_VERSION, "split": split,
+               "data_dir": str(data_dir), "models": entries}  # fmt: skip
+    write_metrics(out, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whmae-evaluate segmentation",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--model", action="append", required=True,
+                        help="NAME=WORKDIR of a segmentation fine-tuning run")  # fmt: skip
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--overlays", type=int, default=2, help="exams to draw")
+    args = parser.parse_args(argv)
+    try:
+        metrics = run(parse_models(args.model), args.data, args.split, args.out,
+                      batch_size=args.batch_size, overlays=args.overlays)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"whmae-evaluate segmentation: {e}", file=sys.stderr)
+        return 2
+    print(segmentation_table(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
