@@ -1,0 +1,129 @@
+"""Merge evaluation results into one markdown report.
+
+  python -m whmae.evaluate report --out runs/eval/report.md runs/eval/*
+
+Each argument is a task's output directory (holding metrics.json) or a folder of such
+directories. The report has one section per task: a compact paper-style table
+(phenotype MAE per model, Dice per class and model, ...), the task's full table, and
+links to its PNGs, relative to the report so the folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from whmae.evaluate import phenotypes, reconstruction, representation, segmentation
+from whmae.evaluate.results import format_table, jsonable, read_metrics
+
+__all__ = ["find_metrics", "main", "render_report", "write_report"]
+
+TASK_ORDER = ("reconstruction", "phenotypes", "segmentation", "representation")
+
+
+def find_metrics(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """metrics.json files of the given directories (or of their direct subdirectories)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_file() and path.name == "metrics.json":
+            found.append(path)
+        elif (path / "metrics.json").is_file():
+            found.append(path / "metrics.json")
+        elif path.is_dir():
+            found.extend(sorted(path.glob("*/metrics.json")))
+        else:
+            raise FileNotFoundError(f"{path} is neither a metrics.json nor a directory")
+    if not found:
+        raise FileNotFoundError(f"no metrics.json under {[str(p) for p in paths]}")
+    return found
+
+
+def _mae_matrix(metrics: Mapping) -> str:
+    names = list(metrics["models"])
+    rows = [[c, *(metrics["models"][n]["columns"].get(c, {}).get("mae") for n in names)]
+            for c in metrics["columns"]]  # fmt: skip
+    return format_table(["MAE", *names], rows, markdown=True)
+
+
+def _dice_matrix(metrics: Mapping) -> str:
+    names = list(metrics["models"])
+    classes = list(next(iter(metrics["models"].values()))["mean_dice"])
+    rows = [[c, *(metrics["models"][n]["mean_dice"].get(c) for n in names)] for c in classes]
+    return format_table(["mean Dice", *names], rows, markdown=True)
+
+
+def _images(metrics: Mapping) -> list[str]:
+    task, models = metrics["task"], metrics["models"]
+    if task == "phenotypes":
+        return [f for p in metrics.get("plots", {}).values() for f in p.values()]
+    if task == "representation":
+        return [e["tsne"]["plot"] for e in models.values() if e.get("tsne")]
+    return [f for e in models.values() for f in e.get("plots", [])]
+
+
+def render_section(metrics_path: Path, report_dir: Path) -> str:
+    """The markdown section of one metrics.json."""
+    metrics = jsonable(read_metrics(metrics_path))
+    task = metrics["task"]
+    lines = [f"## {task.capitalize()}", "",
+             f"Split `{metrics.get('split')}` of `{metrics.get('data_dir')}`; "
+             f"results in `{os.path.relpath(metrics_path, report_dir)}`.", ""]  # fmt: skip
+    if task == "reconstruction":
+        lines.append(reconstruction.reconstruction_table(metrics, markdown=True))
+    elif task == "phenotypes":
+        lines += [_mae_matrix(metrics), "", phenotypes.phenotype_table(metrics, markdown=True)]
+    elif task == "segmentation":
+        lines += [_dice_matrix(metrics), "",
+                  segmentation.segmentation_table(metrics, markdown=True)]  # fmt: skip
+    elif task == "representation":
+        if any(e.get("tsne") for e in metrics["models"].values()):
+            lines += [representation.tsne_table(metrics, markdown=True), ""]
+        if any(e.get("robustness") for e in metrics["models"].values()):
+            lines.append(representation.representation_table(metrics, markdown=True))
+    else:
+        raise ValueError(f"{metrics_path}: unknown task {task!r}")
+    lines.append("")
+    for image in _images(metrics):
+        target = os.path.relpath(metrics_path.parent / image, report_dir)
+        lines += [f"![{image}]({target})", ""]
+    return "\n".join(lines)
+
+
+def render_report(paths: Sequence[str | os.PathLike], report_dir: str | os.PathLike) -> str:
+    """The whole markdown report of the metrics.json found under `paths`."""
+    report_dir = Path(report_dir).absolute()
+    found = [p.absolute() for p in find_metrics(paths)]
+    tasks = {p: read_metrics(p)["task"] for p in found}
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    found.sort(key=lambda p: (order.get(tasks[p], len(order)), str(p)))
+    body = [render_section(p, report_dir) for p in found]
+    return "\n".join(["# whmae evaluation report", "", *body])
+
+
+def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_report(paths, out.parent))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whmae-evaluate report",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("results", nargs="+", help="task output directories (metrics.json)")
+    parser.add_argument("--out", default="report.md", help="markdown file to write")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.results, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"whmae-evaluate report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
