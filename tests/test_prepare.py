@@ -11,6 +11,7 @@ from ukbb_fixtures import break_exam, crash_worker_on_eid, make_exam_folder, wri
 from whmae import layout
 from whmae.data import prepare, qc, records
 from whmae.data.nifti_exam import preprocess_exam, restore_labels
+from whmae.data.splits import split_of
 from whmae.phenotypes import phenotypes_from_segmentations
 
 GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
@@ -240,6 +241,61 @@ def test_cli_require_phenotypes_and_bad_arguments(cohort, tmp_path, capsys):
     assert records.read_dataset_info(tmp_path / "d")["image_shape"] == [9, 20, 32, 32]
     assert prepare.main([*args[:5], str(tmp_path / "e"), "--shard", "2/2"]) == 2
     assert "--shard 2/2: need 0 <= i < n" in capsys.readouterr().err
+
+
+def _other_split(eid: str) -> str:
+    """A split that the hash does not give `eid`: proves the file, not the hash, decided."""
+    return next(s for s in ("val", "test", "train") if s != split_of(eid))
+
+
+def test_split_file_decides_splits_and_unlisted_subjects_are_flagged(cohort, tmp_path, capsys):
+    root = cohort[0]
+    small = tmp_path / "exams"  # three subjects keep this quick
+    small.mkdir()
+    for eid in ("3100000", "3100002", "3100004"):
+        (small / eid).symlink_to(root / eid, target_is_directory=True)
+    pheno_csv = tmp_path / "pheno.csv"  # eids only: phenotypes all NaN
+    pheno_csv.write_text("eid\n3100000\n3100002\n3100004\n")
+    listed = {"3100000": _other_split("3100000"), "3100002": _other_split("3100002")}
+    split_csv = tmp_path / "splits.csv"
+    split_csv.write_text("eid,split\n" + "".join(f"{e},{s}\n" for e, s in listed.items()))
+    options = {"frames": 10, "size": 24, "progress": False}
+    summary = prepare.prepare_dataset(
+        small, pheno_csv, tmp_path / "d", split_file=split_csv, workers=1, **options
+    )
+    entries = manifest(tmp_path / "d")
+    for eid, split in listed.items():
+        assert (entries[eid]["split"], entries[eid]["split_source"]) == (split, "file")
+    unlisted = entries["3100004"]
+    assert (unlisted["split"], unlisted["split_source"]) == (split_of("3100004"), "hash")
+    assert "not in split file splits.csv: hash split" in unlisted["warnings"]
+    assert summary["dataset"]["split_sources"] == {"file": 2, "hash": 1}
+    info = records.read_dataset_info(tmp_path / "d")
+    markers = records.read_shard_markers(tmp_path / "d")
+    stored = {e: s for m in markers.values() for s, v in m["splits"].items() for e in v["eids"]}
+    assert stored == {**listed, "3100004": split_of("3100004")}
+    assert sum(v["num_examples"] for v in info["splits"].values()) == 3
+
+    strict = prepare.prepare_dataset(
+        small, pheno_csv, tmp_path / "s", split_file=split_csv, strict_split=True, **options
+    )
+    reason = strict["dataset"]["rejections"]["3100004"]
+    assert reason == f"not listed in split file {split_csv} (--strict-split)"
+    assert strict["dataset"]["line"] == "exams found = 3 = written 2 + rejected 1"
+
+    split_csv.write_text("eid,split\n3100000,train\n3100002,validation\n")
+    args = ["--root", str(small), "--phenotypes", str(pheno_csv), "--out", str(tmp_path / "x")]
+    assert prepare.main([*args, "--split-file", str(split_csv)]) == 2
+    err = capsys.readouterr().err
+    assert f"{split_csv} line 3: eid 3100002: unknown split 'validation'" in err
+    split_csv.write_text("eid,split\n3100000,train\n3100000,test\n")
+    with pytest.raises(
+        ValueError, match="line 3: eid 3100000 is 'test' here but 'train' on line 2"
+    ):
+        prepare.read_split_file(split_csv)
+    split_csv.write_text("eid,fold\n3100000,train\n")
+    with pytest.raises(ValueError, match="split file needs columns eid,split"):
+        prepare.read_split_file(split_csv)
 
 
 def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):

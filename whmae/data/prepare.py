@@ -1,7 +1,7 @@
 """`whmae-prepare`: UK Biobank-layout NIfTI exams + phenotype CSV -> an exam dataset.
 
     whmae-prepare --root /data/ukbb --phenotypes pheno.csv --out /data/whmae \
-        --workers 16 [--shard i/n] [--exams-per-shard 128]
+        --workers 16 [--shard i/n] [--exams-per-shard 128] [--split-file splits.csv]
 
 Subjects are the union of the `<root>/<eid>/` folders and the CSV's eids, sorted; the
 sorted list is cut into shards of `--exams-per-shard` (the unit of work and of resume).
@@ -19,6 +19,12 @@ Beside the ArrayRecord shards (same schema as the phantom's) each shard writes
 A folder without a CSV row is written with all-NaN phenotypes and flagged (pretraining
 needs no phenotypes, and missing values are masked in the loss), or rejected with
 `--require-phenotypes`. A CSV row without a folder is rejected.
+
+Splits: by default the hash of the eid (`whmae.data.splits`). `--split-file` (CSV with
+columns eid,split; split one of train/val/test) fixes them instead (e.g. the paper's
+lists). A written subject missing from that file falls back to the hash split and is
+flagged (manifest: split_source "hash" and a warning; summary: split_sources), so a
+partial list never silently drops exams; `--strict-split` rejects such subjects instead.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import numpy as np
 from whmae.data import records
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
-from whmae.data.splits import split_of
+from whmae.data.split_file import SplitAssignment, read_split_file
 from whmae.layout import PHENOTYPE_COLUMNS
 
 ARGS_FILE = "prepare_args.json"
@@ -122,20 +128,22 @@ def _prepare_one(job: dict) -> dict:
         exam, geometry = preprocess_exam(
             job["folder"], eid=job["eid"], phenotype_row=job["phenotypes"], **job["options"]
         )
-        exam = records.check_exam(exam, f"exam folder {job['folder']}")
+        # Encoded here, not in the writer process: that one only compresses and writes.
+        record = records.encode_exam(exam, f"exam folder {job['folder']}")
     except ExamError as e:
         return {**entry, "status": "rejected", "reason": str(e)}
     except Exception as e:  # one bad exam never stops the run
         return {**entry, "status": "rejected", "reason": f"unexpected {type(e).__name__}: {e}"}
     entry.update(
         status="written",
-        split=split_of(job["eid"]),
+        split=job["split"],
+        split_source=job["split_source"],
         absent=geometry["absent"],
         warnings=geometry["warnings"] + job["flags"],
         slices=geometry["views"]["sa"]["slices"],
         seconds=round(time.perf_counter() - start, 4),
     )
-    return {**entry, "exam": exam, "geometry": geometry}
+    return {**entry, "record": record, "geometry": geometry}
 
 
 class _Inline:
@@ -206,6 +214,8 @@ def prepare_dataset(
     workers: int = 1,
     host_shard: tuple[int, int] = (0, 1),
     require_phenotypes: bool = False,
+    split_file=None,
+    strict_split: bool = False,
     finalize: bool = True,
     progress: bool = True,
     stop_after_shards: int | None = None,
@@ -214,13 +224,15 @@ def prepare_dataset(
 
     Returns this host's run summary; summary["dataset"] holds the whole dataset's summary
     (`finalize_prepared`) when this call finalized it. stop_after_shards: write at most that
-    many shards (tests of interruption / resume).
+    many shards (tests of interruption / resume). split_file: CSV eid,split (see module
+    docstring); strict_split: reject subjects it does not list instead of hash-splitting.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     phenotypes, cell_warnings, csv_warnings = read_phenotype_csv(phenotype_csv, eid_column)
     eids, folders = list_subjects(root, phenotypes)
+    assignment = SplitAssignment(None if split_file is None else read_split_file(split_file))
     if not eids:
         raise ValueError(f"no exam folders under {root} and no rows in {phenotype_csv}")
     num_shards = math.ceil(len(eids) / exams_per_shard)
@@ -241,6 +253,9 @@ def prepare_dataset(
         "require_phenotypes": require_phenotypes,
         "eid_column": eid_column,
     }
+    if split_file is not None:  # a resume must use the same split lists
+        arguments["split_file_sha256"] = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
+        arguments["strict_split"] = strict_split
     _check_arguments(out_dir, arguments)
     host, hosts = host_shard
     done = complete_shards(out_dir, num_shards)
@@ -253,6 +268,8 @@ def prepare_dataset(
             for eid in eids[shard * exams_per_shard : (shard + 1) * exams_per_shard]:
                 job = _job(eid, shard, root, folders, phenotypes, require_phenotypes)
                 if "status" not in job:
+                    job = _assign_split(job, assignment, split_file, strict_split)
+                if "status" not in job:
                     job.update(options=options, flags=job["flags"] + cell_warnings.get(eid, []))
                 yield shard, job
 
@@ -264,7 +281,7 @@ def prepare_dataset(
             ahead = 0 if pool is None else 2 * workers  # bounded: exams wait in memory
             results = _ordered_results(jobs(), pool, lookahead=ahead)
             for shard, group in itertools.groupby(results, key=lambda r: r[0]):
-                entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar)
+                entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar, assignment)
                 counts.update(e["status"] for e in entries)
     finally:
         if pool is not None:
@@ -288,6 +305,7 @@ def prepare_dataset(
                 **arguments,
                 "root": str(root),
                 "phenotypes": str(phenotype_csv),
+                "split_file": None if split_file is None else str(split_file),
                 "csv_warnings": csv_warnings,
             },
         )
@@ -308,6 +326,17 @@ def _job(eid, shard, root, folders, phenotypes, require_phenotypes) -> dict:
         flags.append("no phenotype CSV row: phenotypes all NaN")
     folder = str(Path(root) / eid)
     return {**entry, "folder": folder, "phenotypes": phenotypes.get(eid), "flags": flags}
+
+
+def _assign_split(job: dict, assignment: SplitAssignment, split_file, strict: bool) -> dict:
+    """The job with its split decided (or its rejection under --strict-split)."""
+    eid, source = job["eid"], assignment.source(job["eid"])
+    if source == "hash" and split_file is not None:
+        if strict:
+            reason = f"not listed in split file {split_file} (--strict-split)"
+            return {"eid": eid, "shard": job["shard"], "status": "rejected", "reason": reason}
+        job["flags"] = [*job["flags"], f"not in split file {Path(split_file).name}: hash split"]
+    return {**job, "split": assignment(eid), "split_source": source}
 
 
 class WorkerPool:
@@ -375,21 +404,23 @@ def _ordered_results(jobs, pool: WorkerPool | None, lookahead: int, work=None):
         yield finish(pending.popleft())
 
 
-def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, group, bar) -> list[dict]:
-    """Write one shard's exams, then its geometry and (last) its manifest sidecar."""
+def _write_prepared_shard(
+    out_dir: Path, shard: int, num_shards: int, group, bar, assignment=None
+) -> list[dict]:
+    """Write one shard's records, then its geometry and (last) its manifest sidecar."""
     entries, geometry = [], []
 
     def exams():
         for _, result in group:
             bar.update(1)
-            exam, exam_geometry = result.pop("exam", None), result.pop("geometry", None)
+            record, exam_geometry = result.pop("record", None), result.pop("geometry", None)
             entries.append(result)
-            if exam is not None:
+            if record is not None:
                 geometry.append(exam_geometry)
-                yield exam
+                yield record
 
     (out_dir / manifest_file(shard, num_shards)).unlink(missing_ok=True)
-    records.write_shard(exams(), out_dir, shard, num_shards)
+    records.write_shard(exams(), out_dir, shard, num_shards, split_of=assignment)
     _atomic_write_lines(out_dir / geometry_file(shard, num_shards), geometry)
     _atomic_write_lines(out_dir / manifest_file(shard, num_shards), entries)
     return entries
@@ -415,6 +446,7 @@ def finalize_prepared(out_dir, provenance: dict) -> dict:
         "splits": {s: info["splits"][s]["num_examples"] for s in info["splits"]},
         "written_with_absent_planes": sum(bool(e["absent"]) for e in written),
         "written_with_warnings": sum(bool(e["warnings"]) for e in written),
+        "split_sources": dict(collections.Counter(e.get("split_source", "hash") for e in written)),
         "rejections": {e["eid"]: e["reason"] for e in rejected},
         "image_shape": info["image_shape"],
         "bytes_on_disk": info["bytes"],
@@ -449,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="reject folders without a CSV row (default: write, NaN, flag)",
     )
+    parser.add_argument(
+        "--split-file",
+        default=None,
+        help="CSV eid,split (train/val/test); unlisted subjects get the hash split, flagged",
+    )
+    parser.add_argument(
+        "--strict-split",
+        action="store_true",
+        help="with --split-file: reject subjects it does not list",
+    )
     parser.add_argument("--no-finalize", action="store_true", help="leave merging to another host")
     args = parser.parse_args(argv)
     try:
@@ -466,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             host_shard=parse_host_shard(args.shard),
             require_phenotypes=args.require_phenotypes,
+            split_file=args.split_file,
+            strict_split=args.strict_split,
             finalize=not args.no_finalize,
         )
     except (ValueError, FileNotFoundError) as e:

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.splits import SPLITS, check_split, split_of
+from whmae.data.splits import SPLITS, check_split
+from whmae.data.splits import split_of as _hash_split
 from whmae.layout import NUM_CLASSES, NUM_PHENOTYPES, NUM_PLANES, PHENOTYPE_COLUMNS
 
 SCHEMA_VERSION = 1
@@ -231,8 +232,14 @@ def write_shard(
     *,
     on_exam: Callable[[dict], None] | None = None,
     options: str = RECORD_OPTIONS,
+    split_of: Callable[[str], str] | None = None,
 ) -> dict[str, int]:
     """Write one shard of exams (each to its split's file); returns per-split counts.
+
+    exams: exam dicts, or records already made by `encode_exam` (bytes: encoded in worker
+    processes, so the writer only compresses and writes). split_of: eid -> split
+    (default `splits.split_of`, the hash of the eid); on_exam gets the exam dict (for
+    bytes, a zero-copy decode of eid, images and phenotypes).
 
     Files are written under temporary names and renamed when complete; the shard's JSON
     marker (eids, phenotypes, image shape) is written last, so an interrupted shard is
@@ -250,10 +257,15 @@ def write_shard(
         (out_dir / shard_file(split, shard, num_shards)).unlink(missing_ok=True)
     writers, tmp_paths, entries = {}, {}, {s: {"eids": [], "phenotypes": []} for s in SPLITS}
     image_shape, seen = None, {}
+    assign = _hash_split if split_of is None else split_of
     try:
         for position, exam in enumerate(exams):
             where = f"shard {shard}/{num_shards} exam #{position}"
-            record = encode_exam(exam, where)
+            if isinstance(exam, (bytes, bytearray, memoryview)):
+                record = bytes(exam)
+                exam = decode_exam(record, ("eid", "images", "phenotypes"), where)
+            else:
+                record = encode_exam(exam, where)
             eid, shape = exam["eid"], list(np.shape(exam["images"]))
             if image_shape is None:
                 image_shape = shape
@@ -262,7 +274,7 @@ def write_shard(
             if eid in seen:
                 raise RecordError(f"{where}: duplicate eid {eid!r} (also exam #{seen[eid]})")
             seen[eid] = position
-            split = split_of(eid)
+            split = check_split(assign(eid))
             if split not in writers:
                 tmp_paths[split] = out_dir / f".{shard_file(split, shard, num_shards)}.tmp"
                 writers[split] = array_record_module.ArrayRecordWriter(
