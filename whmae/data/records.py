@@ -88,9 +88,15 @@ def quantize_images(images: np.ndarray, plane_mask: np.ndarray | None = None) ->
     present = np.ones(images.shape[0], bool) if plane_mask is None else np.asarray(plane_mask)
     if not present.any():
         return np.zeros(images.shape, np.uint8)
-    lo, hi = images[present].min(), images[present].max()
-    scaled = (images - lo) / max(hi - lo, np.finfo(np.float32).tiny)
-    out = np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+    planes = np.flatnonzero(present)
+    lo = min(images[i].min() for i in planes)  # per plane: no copy of the exam
+    hi = max(images[i].max() for i in planes)
+    # In place, one buffer: the same float32 operations as (x - lo) / d, clip, * 255, rint.
+    scaled = np.subtract(images, lo)
+    np.divide(scaled, max(hi - lo, np.finfo(np.float32).tiny), out=scaled)
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    np.multiply(scaled, np.float32(255.0), out=scaled)
+    out = np.rint(scaled, out=scaled).astype(np.uint8)
     out[~present] = 0
     return out
 
