@@ -2,10 +2,13 @@
 
 Both take optional global-norm clipping and gradient accumulation (`optax.MultiSteps`):
 with `grad_accum_steps = k`, every k calls of the train step make one update.
+`freeze` (regexes over parameter paths such as `encoder/encoder_blocks/0/attn/qkv_kernel`)
+gives the matching parameters zero updates and no optimizer state (linear probes).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,33 @@ def decay_mask(params: Any) -> Any:
         return jnp.ndim(leaf) >= 2 and not excluded
 
     return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def param_path(path) -> str:
+    """A parameter's path as `a/b/0/c` (what `optim.freeze` regexes match)."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    # nnx.Variable leaves add their own `value` entry: not part of the parameter's name.
+    return "/".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def frozen_labels(params: Any, patterns) -> Any:
+    """ "frozen" for parameters whose path matches a regex of `patterns` (re.search), else
+    "train"; raises if a pattern matches nothing (a typo would silently train everything)."""
+    compiled = [re.compile(p) for p in patterns]
+    used = set()
+
+    def label(path, leaf):
+        del leaf
+        name = param_path(path)
+        hits = [p.pattern for p in compiled if p.search(name)]
+        used.update(hits)
+        return "frozen" if hits else "train"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [p.pattern for p in compiled if p.pattern not in used]
+    if unused:
+        raise ValueError(f"optim.freeze patterns {unused} match no parameter path")
+    return labels
 
 
 def make_schedule(optim_config: Any, total_updates: int) -> optax.Schedule:
@@ -63,7 +93,7 @@ def make_optimizer(
 
     `optim_config`: `name` ('adam'|'adamw'), `lr`, `warmup_steps`, `weight_decay`,
     `clip_norm` (0/None: off), `grad_accum_steps` (1: off), optional `b1`, `b2`, `eps`,
-    `min_lr_ratio`. The schedule maps a train-step count to the lr that step applies.
+    `min_lr_ratio`, `freeze` (list of parameter-path regexes kept fixed). The schedule maps a train-step count to the lr that step applies.
     """
     accum = int(optim_config.get("grad_accum_steps", 1) or 1)
     if accum < 1 or total_steps % accum:
@@ -84,6 +114,13 @@ def make_optimizer(
         tx = optax.adamw(schedule, weight_decay=optim_config.weight_decay, mask=decay_mask, **betas)
     if optim_config.get("clip_norm"):
         tx = optax.chain(optax.clip_by_global_norm(optim_config.clip_norm), tx)
+    freeze = tuple(optim_config.get("freeze", None) or ())
+    if freeze:
+        # Outside clipping and decay: frozen parameters get exactly zero updates.
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: frozen_labels(params, freeze),
+        )
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
 

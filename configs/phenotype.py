@@ -1,0 +1,50 @@
+"""Phenotype regression configs: `--config configs/phenotype.py:VARIANT`.
+
+VARIANT is comma-separated tokens (see `whmae.tasks.config`), e.g. `paper`, `tiny`,
+`tiny,probe`, `paper,resnet50`, `tiny,sa_only`:
+
+  paper        the reference encoder (D 1025, 6 blocks; `configs/pretrain.py:paper`),
+               initialised from `--config.init.checkpoint`, cls-token head, all planes
+  tiny         CPU: `configs/pretrain.py:tiny`'s encoder, 32x32, 10 frames, 30 steps
+  probe        linear probe: frozen encoder (also `--config.mode=probe`), lr = probe_lr
+  finetune     full fine-tuning (default)
+  resnet50     2D ResNet50 baseline (planes x frames as channels), no pretraining
+  vit_scratch  the same ViT regressor, randomly initialised (no pretraining)
+  sa_only / la_only   short-axis / long-axis planes only
+
+Targets: `phenotypes` (default the paper's LVM, RVEF, RAEF, RVEDV, LASV; any of the 18
+UK Biobank columns), standardised with the train split's mean and std; `loss` mse or
+huber (`huber_delta`, standardised units); `model.pool` cls | mean | cls_mean;
+`model.head_hidden` 0 = linear head.
+"""
+
+import ml_collections
+
+from whmae.layout import PAPER_PHENOTYPES
+from whmae.tasks.config import base_config, parse_variant
+
+TASK_TOKENS = ("resnet50", "vit_scratch")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tokens = parse_variant(arg, TASK_TOKENS)
+    tiny = "tiny" in tokens
+    c = base_config("phenotype", tokens)
+    c.phenotypes = list(PAPER_PHENOTYPES)
+    c.loss = "mse"
+    c.huber_delta = 1.0
+    c.model.pool = "cls"
+    c.model.head_hidden = 0
+    c.model.resnet = dict(
+        widths=[8, 8, 16, 16] if tiny else [64, 128, 256, 512], blocks=[3, 4, 6, 3], groups=32
+    )
+    if "resnet50" in tokens:
+        c.model.arch = "resnet"
+        c.init.pretrained = False
+        c.optim.lr = 1e-3
+    if "vit_scratch" in tokens:
+        c.init.pretrained = False
+    if tiny:
+        c.optim.lr = 1e-3 if "resnet50" not in tokens else 3e-3
+        c.optim.probe_lr = 1e-2
+    return c

@@ -1,0 +1,44 @@
+"""All-planes segmentation configs: `--config configs/segmentation.py:VARIANT`.
+
+VARIANT is comma-separated tokens (see `whmae.tasks.config`), e.g. `paper`, `tiny`,
+`tiny,unetr_scratch`, `paper,sa_only`:
+
+  paper          the reference encoder initialised from `--config.init.checkpoint`, UNETR
+                 decoder with 128 channels per plane token (1152 / 9), skips from encoder
+                 blocks 1 and 3 plus the final normed output, Dice + CE
+  tiny           CPU: `configs/pretrain.py:tiny`'s encoder (2 blocks: skips 0 and 1),
+                 16 channels per plane token, stage widths 16
+  probe          frozen encoder (also `--config.mode=probe`): only the decoder trains
+  finetune       everything trains (default)
+  unetr_scratch  the same network without pretrained init (the UNETR+ baseline)
+  sa_only / la_only   short-axis / long-axis planes only (segments only those)
+
+`model.unetr.channels` has one width per upsampling stage (3 for 8x8 patches).
+"""
+
+import ml_collections
+
+from whmae.tasks.config import base_config, parse_variant
+
+TASK_TOKENS = ("unetr_scratch",)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tokens = parse_variant(arg, TASK_TOKENS)
+    tiny = "tiny" in tokens
+    c = base_config("segmentation", tokens)
+    if tiny:
+        c.model.unetr = dict(
+            token_channels=16, channels=[16, 16, 16], image_channels=8, skip_blocks=[0, 1]
+        )
+        c.data.batch_size = 8
+        c.optim.lr = 3e-3
+        c.optim.probe_lr = 3e-3
+    else:
+        c.model.unetr = dict(
+            token_channels=128, channels=[256, 128, 64], image_channels=32, skip_blocks=[1, 3]
+        )
+        c.data.batch_size = 8
+    if "unetr_scratch" in tokens:
+        c.init.pretrained = False
+    return c
