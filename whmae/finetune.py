@@ -53,8 +53,8 @@ def check_data_dir(data_dir: str | None) -> str:
         raise ValueError("no dataset given: pass --config.data.dir=DIR")
     if not epath.Path(data_dir).is_dir():  # epath: local paths and gs:// alike
         raise ValueError(
-            f"dataset directory {data_dir!r} does not exist; `{_GENERATE_HINT.format(dir=data_dir)}` "
-            "makes a synthetic one sized for the tiny configs"
+            f"dataset directory {data_dir!r} does not exist; "
+            f"`{_GENERATE_HINT.format(dir=data_dir)}` makes a synthetic one for the tiny configs"
         )
     return data_dir
 

@@ -93,7 +93,8 @@ def make_optimizer(
 
     `optim_config`: `name` ('adam'|'adamw'), `lr`, `warmup_steps`, `weight_decay`,
     `clip_norm` (0/None: off), `grad_accum_steps` (1: off), optional `b1`, `b2`, `eps`,
-    `min_lr_ratio`, `freeze` (list of parameter-path regexes kept fixed). The schedule maps a train-step count to the lr that step applies.
+    `min_lr_ratio`, `freeze` (list of parameter-path regexes kept fixed). The schedule
+    maps a train-step count to the lr that step applies.
     """
     accum = int(optim_config.get("grad_accum_steps", 1) or 1)
     if accum < 1 or total_steps % accum:
