@@ -1,6 +1,7 @@
 """Throughput of `whmae-prepare` on UK Biobank-sized NIfTI exams, and where the time goes.
 
     python benchmarks/bench_prepare.py --exams 40 --workers 1 2 --out bench_prepare.json
+    python benchmarks/bench_prepare.py --exams 8 --workers --profile   # where the CPU goes
 
 Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
 frames (1.85 mm pixels, 10 mm slices), three long-axis views 200 x 200 x 1 x 50, int16
@@ -12,26 +13,31 @@ Reports, per worker count, exams/s of the whole `prepare_dataset` run (read, pre
 write shards, finalize) and its CPU seconds per exam (parent + workers): on a shared,
 busy machine wall time mostly measures the neighbours, CPU time the work. Also, in one
 process, the seconds per exam spent inflating the gzip streams (zlib) vs the whole
-preprocessing, and the 100k-exam plan: CPU seconds per exam x 100,000 / cores.
+preprocessing (python-isal when installed: `pip install whmae[fast]`), and the 100k-exam
+plan: CPU seconds per exam x 100,000 / cores. `--profile`: cProfile (CPU time) of reading,
+preprocessing, encoding and writing `--exams` exams in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import resource
 import shutil
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
 
+from whmae.data import nifti_exam, records  # noqa: E402
 from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
 from whmae.data.prepare import prepare_dataset  # noqa: E402
 
@@ -60,17 +66,34 @@ def stage_seconds(folder: Path, repeats: int = 3) -> dict:
     for _ in range(repeats):
         start = time.process_time()
         for path in folder.glob("*.nii.gz"):
-            zlib.decompress(path.read_bytes(), wbits=31)
+            nifti_exam.inflate_gzip(path.read_bytes())
         inflate.append(time.process_time() - start)
         start = time.process_time()
         preprocess_exam(folder)
         total.append(time.process_time() - start)
     sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.nii.gz"))}
     return {
+        "inflate_backend": nifti_exam._inflater.__name__,
         "gzip_inflate_cpu_s": min(inflate),
         "preprocess_exam_cpu_s": min(total),
         "compressed_bytes": sizes,
     }
+
+
+def profile(folders: list[Path], scratch: Path, top: int = 16) -> str:
+    """cProfile (CPU time) of preprocess + encode (the workers' part) + write_shard."""
+
+    def run():
+        exams = (preprocess_exam(folder)[0] for folder in folders)
+        encoded = (records.encode_exam(exam) for exam in exams)
+        records.write_shard(encoded, scratch / "profile", 0, 1)
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.runcall(run)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    return f"{len(folders)} exams\n" + text.getvalue()
 
 
 def _cpu_seconds() -> float:
@@ -82,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--exams", type=int, default=40)
     parser.add_argument("--unique", type=int, default=2, help="rendered subjects (slow)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--profile", action="store_true", help="print a cProfile by CPU time")
     parser.add_argument("--data", default=None, help="keep the NIfTI cohort here (reuse)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -101,6 +125,9 @@ def main() -> None:
         "stages": stage_seconds(root / "5000000"),
         "runs": [],
     }
+    print(json.dumps(results["stages"]))
+    if args.profile:
+        print(profile(sorted(root.iterdir())[: args.exams], scratch))
     for workers in args.workers:
         out = scratch / f"out_{workers}"
         cpu_before = _cpu_seconds()

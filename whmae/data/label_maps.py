@@ -79,6 +79,8 @@ def remap_labels(seg: np.ndarray, view: str, convention: str = "ukbb") -> np.nda
         for source, target in mapping.items():
             if source <= high:
                 table[source] = target
+        if np.array_equal(table, np.arange(high + 1)):  # e.g. UK Biobank sa: a copy, no gather
+            return seg.astype(np.uint8)
         out = table[seg]
         if (table != _INVALID).all() or not (out == _INVALID).any():
             return out
