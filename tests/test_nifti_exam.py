@@ -1,12 +1,15 @@
 """Reading and preprocessing one UK Biobank-layout exam folder (whmae.data.nifti_exam)."""
 
+import shutil
+import zlib
+
 import nibabel as nib
 import numpy as np
 import pytest
 from ukbb_fixtures import break_exam, make_exam_folder
 
 from whmae import layout
-from whmae.data import label_maps
+from whmae.data import label_maps, nifti_exam
 from whmae.data.nifti_exam import (
     ExamError,
     crop,
@@ -209,6 +212,43 @@ def test_remap_labels_rejects_unknown_values():
         label_maps.remap_labels(np.array([0.0, 0.5]), "sa")
     with pytest.raises(ValueError, match="unknown label convention"):
         label_maps.remap_labels(np.array([0]), "sa", "kaggle")
+
+
+def test_identity_label_map_returns_a_copy_not_the_file_buffer():
+    seg = np.array([[0, 1], [2, 3]], np.uint8)
+    out = label_maps.remap_labels(seg, "sa", "ukbb")  # UK Biobank sa labels = layout classes
+    np.testing.assert_array_equal(out, seg)
+    assert out.dtype == np.uint8 and not np.shares_memory(out, seg)
+    acdc = label_maps.remap_labels(seg, "sa", "acdc")
+    np.testing.assert_array_equal(acdc, [[0, layout.RV_BLOOD_POOL], [2, layout.LV_BLOOD_POOL]])
+
+
+def _inflate_backends():
+    """zlib, and python-isal when installed (the `fast` extra): both must behave the same."""
+    backends = [(zlib, (zlib.error,))]
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return backends
+    return [*backends, (isal_zlib, (zlib.error, isal_zlib.error))]
+
+
+def test_inflate_backends_give_the_same_exam_and_name_truncated_files(
+    folders, tmp_path, monkeypatch
+):
+    folder = folders["2000001"][0]
+    expected, _ = preprocess_exam(folder, frames=20, size=40)
+    damaged = tmp_path / "2000001"
+    shutil.copytree(folder, damaged)
+    reason = break_exam(damaged, "truncated_sa")
+    for module, errors in _inflate_backends():
+        monkeypatch.setattr(nifti_exam, "_inflater", module)
+        monkeypatch.setattr(nifti_exam, "_INFLATE_ERRORS", errors)
+        exam, _ = preprocess_exam(folder, frames=20, size=40)
+        for field in ("images", "labels", "pixel_spacing"):
+            np.testing.assert_array_equal(exam[field], expected[field], err_msg=module.__name__)
+        with pytest.raises(ExamError, match=f"^{reason}"):
+            preprocess_exam(damaged, frames=20, size=40)
 
 
 def test_frame_duration_units():
