@@ -3,7 +3,7 @@
 Both take optional global-norm clipping and gradient accumulation (`optax.MultiSteps`):
 with `grad_accum_steps = k`, every k calls of the train step make one update.
 `freeze` (regexes over parameter paths such as `encoder/encoder_blocks/0/attn/qkv_kernel`)
-gives the matching parameters zero updates and no optimizer state (linear probes).
+gives the matching parameters zero gradients and zero updates (linear probes).
 """
 
 from __future__ import annotations
@@ -45,24 +45,28 @@ def param_path(path) -> str:
     return "/".join(names[:-1] if names and names[-1] == "value" else names)
 
 
-def frozen_labels(params: Any, patterns) -> Any:
-    """ "frozen" for parameters whose path matches a regex of `patterns` (re.search), else
-    "train"; raises if a pattern matches nothing (a typo would silently train everything)."""
+def zero_frozen(patterns) -> optax.GradientTransformation:
+    """Stateless: zero the entries of parameters whose path matches a regex of `patterns`
+    (re.search); raises at the first call if a pattern matches nothing (a typo would
+    silently train everything)."""
     compiled = [re.compile(p) for p in patterns]
-    used = set()
 
-    def label(path, leaf):
-        del leaf
-        name = param_path(path)
-        hits = [p.pattern for p in compiled if p.search(name)]
-        used.update(hits)
-        return "frozen" if hits else "train"
+    def zero(updates, params=None):
+        del params
+        used = set()
 
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    unused = [p.pattern for p in compiled if p.pattern not in used]
-    if unused:
-        raise ValueError(f"optim.freeze patterns {unused} match no parameter path")
-    return labels
+        def one(path, leaf):
+            hits = [p.pattern for p in compiled if p.search(param_path(path))]
+            used.update(hits)
+            return jnp.zeros_like(leaf) if hits else leaf
+
+        out = jax.tree_util.tree_map_with_path(one, updates)
+        unused = [p.pattern for p in compiled if p.pattern not in used]
+        if unused:
+            raise ValueError(f"optim.freeze patterns {unused} match no parameter path")
+        return out
+
+    return optax.stateless(zero)
 
 
 def make_schedule(optim_config: Any, total_updates: int) -> optax.Schedule:
@@ -117,11 +121,10 @@ def make_optimizer(
         tx = optax.chain(optax.clip_by_global_norm(optim_config.clip_norm), tx)
     freeze = tuple(optim_config.get("freeze", None) or ())
     if freeze:
-        # Outside clipping and decay: frozen parameters get exactly zero updates.
-        tx = optax.multi_transform(
-            {"train": tx, "frozen": optax.set_to_zero()},
-            lambda params: frozen_labels(params, freeze),
-        )
+        # Zero gradients in (no moments, no share of the clipping norm) and updates out
+        # (no weight decay). Not optax.multi_transform: its masked states would be
+        # nnx.Variables without arrays, which the state's sharding cannot place.
+        tx = optax.chain(zero_frozen(freeze), tx, zero_frozen(freeze))
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
 
