@@ -2,8 +2,10 @@
 
 Order of operations (why each is where it is):
   source -> seed -> shuffle (global, one permutation per epoch) -> repeat
-  -> slice [process_index::process_count] (after the global shuffle, so the processes
-     partition every epoch with no overlap and no loss)
+  -> this process's rows of every global batch (after the global shuffle, so the
+     processes partition every epoch with no overlap and no loss; process p takes rows
+     [p*B, (p+1)*B) of each run of B*P exams, the rows its devices hold in the global
+     array, so P processes feed the model the very batches one process would)
   -> map(decode) (zero-copy views into the record) -> batch (the only copy)
   -> to_iter_dataset (thread prefetch) [-> mp_prefetch when worker_count > 0]
 
@@ -58,6 +60,46 @@ class _Decode:
         if "eid" in exam:  # a 0-d unicode array, so that batching stacks it into [B]
             exam["eid"] = np.asarray(exam["eid"])
         return exam
+
+
+class _ProcessRows(grain.MapDataset):
+    """Process p's rows of every global batch: of each run of `batch_size * count`
+    consecutive elements, those at [p * batch_size, (p + 1) * batch_size).
+
+    A final partial global batch (finite epochs) is split into near-equal contiguous
+    parts, so the processes' shares differ by at most one element.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, index: int, count: int):
+        super().__init__(parent)
+        self._batch, self._index, self._global = batch_size, index, batch_size * count
+        self._parent_length = len(parent)
+        self._full, tail = divmod(self._parent_length, self._global)
+        self._tail_start = tail * index // count
+        tail_rows = tail * (index + 1) // count - self._tail_start
+        self._length = self._full * batch_size + tail_rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        epoch, index = divmod(index, self._length)
+        batch, row = divmod(index, self._batch)
+        if batch < self._full:
+            within = batch * self._global + self._index * self._batch + row
+        else:
+            within = self._full * self._global + self._tail_start + index - self._full * self._batch
+        return epoch * self._parent_length + within
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(batch={self._batch}, index={self._index}, global={self._global})"
 
 
 def make_pipeline(
@@ -118,7 +160,7 @@ def make_pipeline(
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
-    ds = ds[process_index::process_count]
+    ds = _ProcessRows(ds, batch_size, process_index, process_count)
     ds = ds.map(_Decode(paths, counts, fields))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(
