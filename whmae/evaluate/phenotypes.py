@@ -22,9 +22,11 @@ metrics.json (schema_version 1):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,18 +119,20 @@ def phenotype_table(metrics: Mapping, *, markdown: bool = False) -> str:
     return format_table(header, rows, markdown=markdown)
 
 
-def load_predictions(path: str, *, data_dir: str, split: str, batch_size: int,
-                     absent_planes=()) -> dict:  # fmt: skip
-    """An .npz of predictions, or `predict_phenotypes` on a fine-tuning workdir."""
-    if str(path).endswith(".npz"):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"prediction file {path} does not exist")
-        with np.load(path, allow_pickle=False) as f:
+def load_predictions(source, *, data_dir: str, split: str, batch_size: int) -> dict:
+    """Predictions of one model: `source` is an .npz of them, a fine-tuning workdir or a
+    phenotype model object (both through `whmae.tasks.predict.predict_phenotypes`), or
+    a result dict itself."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, str | os.PathLike) and str(source).endswith(".npz"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"prediction file {source} does not exist")
+        with np.load(source, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     from whmae.tasks.predict import predict_phenotypes
 
-    return predict_phenotypes(path, data_dir, split, batch_size=batch_size,
-                              absent_planes=absent_planes)  # fmt: skip
+    return predict_phenotypes(source, data_dir, split, batch_size=batch_size)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:
@@ -146,9 +150,10 @@ def parse_models(items: list[str]) -> dict[str, str]:
     return models
 
 
-def run(models: Mapping[str, str], data_dir: str, split: str, out_dir: str, *,
+def run(models: Mapping[str, Any], data_dir: str, split: str, out_dir: str, *,
         batch_size: int = 16) -> dict:  # fmt: skip
-    """Predict with every model, evaluate, write metrics.json and the PNGs into out_dir."""
+    """Predict with every model (name -> `load_predictions` source), evaluate, write
+    metrics.json and the PNGs into out_dir."""
     results = {
         name: load_predictions(path, data_dir=data_dir, split=split, batch_size=batch_size)
         for name, path in models.items()

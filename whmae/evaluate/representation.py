@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -140,10 +141,11 @@ def plane_removals(planes: Sequence[int], pairs: int, seed: int = 0) -> list[tup
 
 
 def robustness(model, data_dir, split: str = "test", *, pairs: int = 10, seed: int = 0,
-               regression: str | None = None, batch_size: int = 32,
+               regression=None, batch_size: int = 32,
                progress: bool = True) -> dict:  # fmt: skip
     """Robustness entry (module docstring): representations and predictions with planes
-    removed against the full exam's."""
+    removed against the full exam's. `regression`: a phenotype fine-tuning workdir or
+    model (`whmae.tasks.predict.predict_phenotypes`), or None."""
     full = embed_dataset(model, data_dir, (split,), batch_size=batch_size, progress=progress)
     predict = None
     if regression is not None:
@@ -154,7 +156,7 @@ def robustness(model, data_dir, split: str = "test", *, pairs: int = 10, seed: i
 
         full_pred = predict()
         if not np.array_equal(np.asarray(full_pred["eid"]).astype(str), full["eid"]):
-            raise ValueError(f"{regression}: predictions are not in the dataset's exam order")
+            raise ValueError("phenotype predictions are not in the dataset's exam order")
     removals = []
     for removed in plane_removals(model.config.planes, pairs, seed):
         had = full["plane_mask"][:, list(removed)].all(axis=1)  # exams that lose something
@@ -199,6 +201,13 @@ def _pool(entries: list[dict]) -> dict:
     return out
 
 
+def _describe(regression) -> str | None:
+    """The regression model as JSON: its workdir, or its class for a model object."""
+    if regression is None or isinstance(regression, str | os.PathLike):
+        return None if regression is None else os.fspath(regression)
+    return type(regression).__name__
+
+
 def representation_table(metrics: Mapping, *, markdown: bool = False) -> str:
     """Rows of (model, removal, n, cosine cls, cosine mean-pooled, mean phenotype shifts)."""
     metrics = jsonable(metrics)
@@ -229,7 +238,7 @@ def tsne_table(metrics: Mapping, *, markdown: bool = False) -> str:
 
 def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, tsne_splits=None,
         embedding: str = "cls", columns=layout.PAPER_PHENOTYPES, pairs: int = 10,
-        regression: str | None = None, batch_size: int = 32, seed: int = 0,
+        regression=None, batch_size: int = 32, seed: int = 0,
         skip_tsne: bool = False, skip_robustness: bool = False,
         progress: bool = True) -> dict:  # fmt: skip
     """t-SNE and robustness of every (name -> MAE checkpoint); writes metrics.json + PNGs."""
@@ -250,7 +259,8 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, tsne_splits
                                              progress=progress)  # fmt: skip
         entries[name] = entry
     metrics = {"task": "representation", "schema_version": SCHEMA_VERSION, "split": split,
-               "data_dir": str(data_dir), "regression": regression, "models": entries}  # fmt: skip
+               "data_dir": str(data_dir), "regression": _describe(regression),
+               "models": entries}  # fmt: skip
     write_metrics(out, metrics)
     return metrics
 

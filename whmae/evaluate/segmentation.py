@@ -1,7 +1,11 @@
 """Segmentation evaluation: Dice and HD95 (mm) per view and class, and the phenotypes
 derived from predicted vs true segmentations.
 
-  python -m whmae.evaluate segmentation --model all_planes=runs/seg --data DIR --out DIR
+  python -m whmae.evaluate segmentation --model all_planes=runs/seg --data DIR --out DIR \\
+      [--model nnunet=nnunet_test.npz]
+
+A model is a fine-tuning workdir (`whmae.tasks.predict.predict_segmentation`) or an
+.npz with that function's arrays (segmentations made elsewhere compare on equal terms).
 
 Views and their classes: short_axis (planes sa_0..sa_5: LV blood pool, LV myocardium,
 RV blood pool), la_2ch (LA), la_4ch (LA, RA); la_3ch has no labels. Only planes that are
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -191,18 +197,37 @@ def _dataset_images(data_dir, split: str, eids) -> dict[str, np.ndarray]:
     return found
 
 
-def run(models: Mapping[str, str], data_dir: str, split: str, out_dir: str, *,
-        batch_size: int = 4, overlays: int = 2) -> dict:  # fmt: skip
-    """predict_segmentation with each model, evaluate, write metrics.json and overlays."""
+def load_segmentations(source, *, data_dir, split: str, batch_size: int) -> dict:
+    """One model's segmentations: `source` is a result dict, an .npz of one (e.g. another
+    method's predictions, same keys), a fine-tuning workdir or a segmentation model (both
+    through `whmae.tasks.predict.predict_segmentation`)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, str | os.PathLike) and str(source).endswith(".npz"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"segmentation file {source} does not exist")
+        with np.load(source, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
     from whmae.tasks.predict import predict_segmentation
 
+    return predict_segmentation(source, data_dir, split, batch_size=batch_size)
+
+
+def run(models: Mapping[str, Any], data_dir, split: str, out_dir, *, batch_size: int = 4,
+        overlays: int = 2) -> dict:  # fmt: skip
+    """Segment with each model (name -> `load_segmentations` source), evaluate, write
+    metrics.json and the overlays into out_dir."""
     out = Path(out_dir)
     entries = {}
-    for name, path in models.items():
-        result = predict_segmentation(path, data_dir, split, batch_size=batch_size)
-        entry = evaluate_segmentation(result)
+    for name, source in models.items():
+        result = load_segmentations(source, data_dir=data_dir, split=split,
+                                    batch_size=batch_size)  # fmt: skip
+        try:
+            entry = evaluate_segmentation(result)
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
         eids = np.asarray(result["eid"]).astype(str)[:overlays]
-        images = _dataset_images(data_dir, split, eids)
+        images = _dataset_images(data_dir, split, eids) if len(eids) else {}
         entry["plots"] = []
         for i, eid in enumerate(eids):
             rows = overlay_rows(result, i, images.get(eid))
@@ -221,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whmae-evaluate segmentation",
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--model", action="append", required=True,
-                        help="NAME=WORKDIR of a segmentation fine-tuning run")  # fmt: skip
+                        help="NAME=WORKDIR (fine-tuned) or NAME=FILE.npz")  # fmt: skip
     parser.add_argument("--data", required=True, help="dataset directory")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="output directory")
