@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +320,29 @@ def test_regression_stats_shared_with_phenotype_json():
     metrics = phenotypes.evaluate_phenotypes({"other": p})
     assert metrics["models"]["other"]["columns"]["LVM (g)"] == regression_stats(
         p["pred"][:, 0], p["target"][:, 0])  # fmt: skip
+
+
+def test_robustness_reports_the_shift_of_a_regression_models_predictions(checkpoints, tiny_dataset):
+    from whmae.model.io import load_model
+    from whmae.tasks.config import load_config_file, resolve
+    from whmae.tasks.predict import build_model, predict_phenotypes
+
+    config = load_config_file(Path(__file__).parents[1] / "configs/phenotype.py",
+                              "tiny,vit_scratch")  # fmt: skip
+    config.data.dir = str(tiny_dataset)
+    regressor = build_model(resolve(config), nnx.Rngs(0))
+    model, _ = load_model(checkpoints["few_planes"])
+    robust = representation.robustness(model, tiny_dataset, "test", pairs=0,
+                                       regression=regressor, batch_size=8,
+                                       progress=False)  # fmt: skip
+    assert [r["planes"] for r in robust["removals"]] == [["la_4ch"], ["sa_2"], ["sa_3"]]
+    assert robust["plane_pairs"]["cosine_cls"]["n"] == 0  # no pairs asked for
+    full = predict_phenotypes(regressor, tiny_dataset, "test")
+    without = predict_phenotypes(regressor, tiny_dataset, "test", absent_planes=(5,))
+    had = dataset(tiny_dataset, "test", fields=("plane_mask",))["plane_mask"][:, 5].astype(bool)
+    shift = np.abs(without["pred"] - full["pred"])[had]
+    reported = robust["removals"][1]["phenotype_shift"]
+    assert list(reported) == list(full["columns"])
+    for k, column in enumerate(full["columns"]):
+        assert reported[column]["mean"] == pytest.approx(shift[:, k].mean(), rel=1e-5)
+    assert shift.max() > 0  # the regressor does see the removal
