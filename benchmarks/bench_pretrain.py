@@ -70,7 +70,7 @@ def measured_peak(dtype: str, size: int) -> float:
     return 2.0 * size**3 * len(devices) / seconds
 
 
-def _peak_size() -> int:
+def peak_size() -> int:
     return 8192 if jax.default_backend() != "cpu" else 2048
 
 
@@ -79,9 +79,22 @@ def _cost(compiled) -> dict:
     return (cost[0] if isinstance(cost, list | tuple) else cost) or {}
 
 
-def bench_one(variant: str, dtype: str, steps: int, batch_size: int | None) -> dict:
+def bench_one(
+    variant: str,
+    dtype: str,
+    steps: int,
+    batch_size: int | None,
+    model_overrides: dict | None = None,
+    warmup: int = 1,
+) -> dict:
+    """Compile and time the train step of one config variant; returns one record.
+
+    model_overrides: MAEConfig fields replacing the variant's (e.g. remat=True,
+    attention_impl="cudnn", decoder_width=513); warmup: untimed steps after compiling.
+    """
     config = load_config(variant)
     config.model.dtype = dtype
+    config.model.update(model_overrides or {})
     model_config = MAEConfig(**config.model.to_dict())
     batch_size = batch_size or int(config.data.batch_size)
     mesh = make_mesh(config.mesh)
@@ -119,8 +132,9 @@ def bench_one(variant: str, dtype: str, steps: int, batch_size: int | None) -> d
     flops_per_device = float(_cost(compiled).get("flops", float("nan")))
     memory = compiled.memory_analysis()
 
-    state, metrics = compiled(state, batch, key)  # warm-up
-    jax.block_until_ready(metrics)
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         begin = time.perf_counter()
@@ -131,10 +145,11 @@ def bench_one(variant: str, dtype: str, steps: int, batch_size: int | None) -> d
 
     compiled_flops = flops_per_device * devices
     analytic_flops = 3.0 * flops_per_exam(model_config) * batch_size
-    peak = measured_peak(dtype, _peak_size())
+    peak = measured_peak(dtype, peak_size())
     record = dict(
         config=variant,
         dtype=dtype,
+        model_overrides=dict(model_overrides or {}),
         backend=jax.default_backend(),
         devices=devices,
         batch=batch_size,
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Peaks first, before the models fill memory and caches.
     for dtype in args.dtypes.split(","):
-        print(f"peak {dtype}: {measured_peak(dtype, _peak_size()) / 1e9:.1f} GFLOP/s")
+        print(f"peak {dtype}: {measured_peak(dtype, peak_size()) / 1e9:.1f} GFLOP/s")
     records = []
     for variant in args.configs.split(","):
         for dtype in args.dtypes.split(","):
