@@ -77,7 +77,9 @@ def render_section(metrics_path: Path, report_dir: Path) -> str:
         lines += [_mae_matrix(metrics), "", phenotypes.phenotype_table(metrics, markdown=True)]
     elif task == "segmentation":
         lines += [_dice_matrix(metrics), "",
-                  segmentation.segmentation_table(metrics, markdown=True)]  # fmt: skip
+                  segmentation.segmentation_table(metrics, markdown=True), "",
+                  "Phenotypes from the predicted vs the true labels:", "",
+                  segmentation.segmentation_phenotype_table(metrics, markdown=True)]  # fmt: skip
     elif task == "representation":
         if any(e.get("tsne") for e in metrics["models"].values()):
             lines += [representation.tsne_table(metrics, markdown=True), ""]

@@ -53,7 +53,15 @@ from whmae.evaluate.phenotypes import parse_models
 from whmae.evaluate.results import SCHEMA_VERSION, format_table, jsonable, write_metrics
 from whmae.phenotypes import phenotype_vector, phenotypes_from_exam
 
-__all__ = ["VIEWS", "evaluate_segmentation", "exam_scores", "main", "segmentation_table"]
+__all__ = [
+    "VIEWS",
+    "evaluate_segmentation",
+    "exam_scores",
+    "load_segmentations",
+    "main",
+    "segmentation_phenotype_table",
+    "segmentation_table",
+]
 
 VIEWS = {
     "short_axis": (layout.SHORT_AXIS_PLANES, layout.SHORT_AXIS_CLASSES),
@@ -159,6 +167,16 @@ def segmentation_table(metrics: Mapping, *, markdown: bool = False) -> str:
     return format_table(header, rows, markdown=markdown)
 
 
+def segmentation_phenotype_table(metrics: Mapping, *, markdown: bool = False) -> str:
+    """Rows of (model, phenotype, n, MAE, r, bias) of predicted- vs true-label phenotypes
+    (columns no exam could give are left out)."""
+    metrics = jsonable(metrics)
+    rows = [[name, column, s["n"], s["mae"], s["pearson_r"], s["bias"]]
+            for name, model in metrics["models"].items()
+            for column, s in model["phenotypes"].items() if s["n"]]  # fmt: skip
+    return format_table(["model", "phenotype", "n", "MAE", "r", "bias"], rows, markdown=markdown)
+
+
 def _pm(s: Mapping) -> str:
     if s["mean"] is None:
         return "-"
@@ -260,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whmae-evaluate segmentation: {e}", file=sys.stderr)
         return 2
     print(segmentation_table(metrics))
+    print(segmentation_phenotype_table(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
 
