@@ -64,10 +64,15 @@ def test_hd95_of_overlapping_squares_matches_brute_force_point_distances():
             mask[1:-1, :-2] & mask[1:-1, 2:]  # fmt: skip
         return np.argwhere(mask & ~inner) * spacing
 
-    pa, pb = surface_points(a), surface_points(b)
-    dist = np.linalg.norm(pa[:, None] - pb[None], axis=-1)
-    expected = max(np.percentile(dist.min(1), 95), np.percentile(dist.min(0), 95))
-    assert metrics.hd95(a, b, spacing) == pytest.approx(expected)
+    def brute_force(a, b):
+        pa, pb = surface_points(a), surface_points(b)
+        dist = np.linalg.norm(pa[:, None] - pb[None], axis=-1)
+        return max(np.percentile(dist.min(1), 95), np.percentile(dist.min(0), 95))
+
+    assert metrics.hd95(a, b, spacing) == pytest.approx(brute_force(a, b))
+    # Touching the image edge: edge pixels are surface, in the full image as in any crop.
+    edge_a, edge_b = square((0, 6), (0, 24)), square((2, 12), (3, 10))
+    assert metrics.hd95(edge_a, edge_b, spacing) == pytest.approx(brute_force(edge_a, edge_b))
     assert metrics.hd95(a, a, spacing) == 0.0
 
 

@@ -82,7 +82,12 @@ def hd95(pred, truth, spacing, label: int | None = None) -> float:
         return math.nan
     if not (has_p and has_t):
         return math.inf
-    forward, backward = surface_distances(p, t, spacing)
+    # Distances only involve the two masks: crop to their bounding box (+1 pixel of
+    # background, so the crop edge never makes surface where the image had none).
+    rows = np.argwhere(p | t)
+    low, high = np.maximum(rows.min(0) - 1, 0), rows.max(0) + 2
+    box = tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))
+    forward, backward = surface_distances(p[box], t[box], spacing)
     return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
 
 
