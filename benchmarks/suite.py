@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -130,8 +131,10 @@ def keeps_up(pipeline: dict, steps: list[dict]) -> list[dict]:
     for row in rows:
         row["per_core_pipeline_exams_per_s"] = per_core
         row["cores_needed"] = row["step_exams_per_s"] / per_core
+        row["cores_to_keep_up"] = max(1, math.ceil(row["cores_needed"]))
         row["calculation"] = (
-            f"{row['step_exams_per_s']:.3g} / {per_core:.3g} = {row['cores_needed']:.2f} cores"
+            f"{row['step_exams_per_s']:.3g} / {per_core:.3g} = {row['cores_needed']:.3g} "
+            f"-> {row['cores_to_keep_up']} core(s)"
         )
     return rows
 
