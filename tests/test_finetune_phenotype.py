@@ -201,3 +201,17 @@ def test_missing_targets_carry_no_loss_and_no_gradient():
     np.testing.assert_allclose(float(loss(pred)), expected / observed.sum(), rtol=1e-6)
     # Changing a prediction whose target is missing does not change the loss.
     np.testing.assert_array_equal(loss(pred.at[:, 1].add(5.0)), loss(pred))
+
+
+def test_freeze_patterns_that_match_nothing_are_refused():
+    config = load_config_file(ROOT / "configs/phenotype.py", "tiny")
+    config.optim.freeze = ["^encodr/"]
+    tx, _ = make_optimizer(config.optim, 10)
+    params = {"encoder": {"kernel": jnp.ones(3)}, "out": {"kernel": jnp.ones(2)}}
+    with pytest.raises(ValueError, match="encodr"):
+        tx.update(params, tx.init(params), params)
+    config.optim.update(freeze=["^encoder/"], name="adam", weight_decay=0.0)  # no warmup
+    tx, _ = make_optimizer(config.optim, 10)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert not np.asarray(updates["encoder"]["kernel"]).any()
+    assert np.asarray(updates["out"]["kernel"]).all()
