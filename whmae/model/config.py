@@ -30,7 +30,9 @@ class MAEConfig:
       a sigmoid (reference) and the targets are the [0, 1] pixels.
     dtype: compute dtype of activations and matmuls; parameters are always float32,
       and LayerNorm statistics, softmax and the loss are float32.
-    attention_impl: `implementation=` of `jax.nn.dot_product_attention`.
+    attention_impl: `implementation=` of `jax.nn.dot_product_attention`; with "cudnn"
+      the head dim is zero-padded to a multiple of 8 inside attention (205 -> 208, same
+      result), as cuDNN fused attention requires (bf16/fp16 only, head dim <= 256 on H100).
     """
 
     image_size: int = 128

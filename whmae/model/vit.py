@@ -88,6 +88,33 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
+# cuDNN fused attention takes head dims that are multiples of 8 (<= 256 from Hopper on).
+CUDNN_HEAD_DIM_MULTIPLE = 8
+
+
+def padded_attention(q, k, v, kv_lengths, *, implementation, multiple: int = 1):
+    """`jax.nn.dot_product_attention` with the head dim zero-padded up to a multiple.
+
+    q, k, v [B, L, heads, head_dim]. Zero columns add nothing to q . k, the scale stays
+    1/sqrt(head_dim), and the padded output columns (zero-weighted v) are cut off, so the
+    result equals the unpadded one; the reference's head_dim 205 becomes 208 for cuDNN.
+    """
+    head_dim = q.shape[-1]
+    padded = -(-head_dim // multiple) * multiple
+    if padded != head_dim:
+        widths = [(0, 0)] * (q.ndim - 1) + [(0, padded - head_dim)]
+        q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=head_dim**-0.5,
+        key_value_seq_lengths=kv_lengths,
+        implementation=implementation,
+    )
+    return out[..., :head_dim]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with fused qkv (bias) and an output projection."""
 
@@ -118,8 +145,9 @@ class Attention(nnx.Module):
         qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(self.dtype))
         qkv = qkv + self.qkv_bias[...].astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, heads, head_dim]
-        out = jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=kv_lengths, implementation=self.implementation
+        multiple = CUDNN_HEAD_DIM_MULTIPLE if self.implementation == "cudnn" else 1
+        out = padded_attention(
+            q, k, v, kv_lengths, implementation=self.implementation, multiple=multiple
         )
         out = jnp.einsum("blhk,hkd->bld", out, self.proj_kernel[...].astype(self.dtype))
         return out + self.proj_bias[...].astype(self.dtype)
