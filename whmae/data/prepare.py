@@ -377,7 +377,15 @@ def _ordered_results(jobs, pool: WorkerPool | None, lookahead: int, work=None):
     def start(job):
         if "status" in job:  # decided without reading files
             return _Inline(job)
-        return _Inline(work(job)) if pool is None else pool.submit(work, job)
+        if pool is None:
+            return _Inline(work(job))
+        try:
+            return pool.submit(work, job)
+        except concurrent.futures.process.BrokenProcessPool as broken:
+            # A worker died before `finish` saw it: hand the failure to `finish`.
+            failed = concurrent.futures.Future()
+            failed.set_exception(broken)
+            return failed
 
     def finish(item):
         shard, _, future = item
