@@ -343,7 +343,7 @@ def test_a_dying_worker_rejects_only_its_exam():
     pool = prepare.WorkerPool(2)
     jobs = [(k // 3, {"eid": eid}) for k, eid in enumerate(("a", "b", "crash", "c", "d", "e"))]
     try:
-        results = list(prepare._ordered_results(iter(jobs), pool, 4, crash_worker_on_eid))
+        results = list(prepare.ordered_results(iter(jobs), pool, 4, crash_worker_on_eid))
     finally:
         pool.shutdown()
     assert [(shard, r["eid"], r["status"]) for shard, r in results] == [

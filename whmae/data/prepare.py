@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import csv
 import hashlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -52,6 +50,7 @@ from whmae.data import records
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
 from whmae.data.split_file import SplitAssignment, read_split_file
+from whmae.data.worker_pool import WorkerPool, ordered_results
 from whmae.layout import PHENOTYPE_COLUMNS
 
 ARGS_FILE = "prepare_args.json"
@@ -147,25 +146,6 @@ def _prepare_one(job: dict) -> dict:
         seconds=round(time.perf_counter() - start, 4),
     )
     return {**entry, "record": record, "geometry": geometry}
-
-
-class _Inline:
-    """A finished 'future' (jobs run in this process, or decided without reading files)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-    def done(self) -> bool:
-        return True
-
-    def cancelled(self) -> bool:
-        return False
-
-    def exception(self):
-        return None
 
 
 def _atomic_write_lines(path: Path, rows: list[dict]) -> None:
@@ -282,7 +262,7 @@ def prepare_dataset(
     try:
         with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
             ahead = 0 if pool is None else 2 * workers  # bounded: exams wait in memory
-            results = _ordered_results(jobs(), pool, lookahead=ahead)
+            results = ordered_results(jobs(), pool, lookahead=ahead, work=_prepare_one)
             for shard, group in itertools.groupby(results, key=lambda r: r[0]):
                 entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar, assignment)
                 counts.update(e["status"] for e in entries)
@@ -340,79 +320,6 @@ def _assign_split(job: dict, assignment: SplitAssignment, split_file, strict: bo
             return {"eid": eid, "shard": job["shard"], "status": "rejected", "reason": reason}
         job["flags"] = [*job["flags"], f"not in split file {Path(split_file).name}: hash split"]
     return {**job, "split": assignment(eid), "split_source": source}
-
-
-class WorkerPool:
-    """Spawn-safe worker processes that come back after a worker dies (out of memory, a
-    crash in a C extension): one bad exam must not stop the run."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.executor = self._start()
-
-    def _start(self):
-        context = multiprocessing.get_context("spawn")  # safe beside JAX threads
-        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
-
-    def submit(self, work, job):
-        return self.executor.submit(work, job)
-
-    def restart(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.executor = self._start()
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(cancel_futures=True)
-
-
-def _ordered_results(jobs, pool: WorkerPool | None, lookahead: int, work=None):
-    """(shard, result) in job order, keeping up to `lookahead` exams in flight.
-
-    When a worker process dies, the unfinished exams are rerun one at a time in a fresh
-    pool; the exam whose worker dies again is rejected, the others go on.
-    """
-    work = _prepare_one if work is None else work
-    pending = collections.deque()
-
-    def start(job):
-        if "status" in job:  # decided without reading files
-            return _Inline(job)
-        if pool is None:
-            return _Inline(work(job))
-        try:
-            return pool.submit(work, job)
-        except concurrent.futures.process.BrokenProcessPool as broken:
-            # A worker died before `finish` saw it: hand the failure to `finish`.
-            failed = concurrent.futures.Future()
-            failed.set_exception(broken)
-            return failed
-
-    def finish(item):
-        shard, _, future = item
-        try:
-            return shard, future.result()
-        except concurrent.futures.process.BrokenProcessPool:
-            # Rerun the unfinished exams one at a time in a fresh pool to find the culprit.
-            for other in (item, *pending):
-                if not (other[2].done() and not other[2].cancelled() and not other[2].exception()):
-                    other[2] = _Inline(_isolated(other[1], other[0]))
-            return shard, item[2].result()
-
-    def _isolated(job, shard):
-        pool.restart()
-        try:
-            return pool.submit(work, job).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            pool.restart()
-            reason = "the worker process died while preparing it (out of memory? a crash?)"
-            return {"eid": job["eid"], "shard": shard, "status": "rejected", "reason": reason}
-
-    for shard, job in jobs:
-        pending.append([shard, job, start(job)])
-        while len(pending) > lookahead:
-            yield finish(pending.popleft())
-    while pending:
-        yield finish(pending.popleft())
 
 
 def _write_prepared_shard(
