@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from whmae import layout
 from whmae.data.nifti_exam import ExamError, nifti_name, preprocess_exam, restore_labels
 from whmae.phenotypes import phenotypes_from_exam
-from whmae.tasks.predict import _input_geometry, load_finetuned
+from whmae.tasks.predict import input_geometry, load_finetuned
 
 __all__ = ["main", "segment_exams", "write_label_nifti"]
 
@@ -79,7 +79,7 @@ def segment_exams(
     task, model, _ = load_finetuned(checkpoint)
     if task != "segmentation":
         raise ValueError(f"{checkpoint} holds a {task} model, not a segmentation model")
-    (_, frames, size, _), _ = _input_geometry(model)
+    (_, frames, size, _), _ = input_geometry(model)
     segmented = np.zeros(layout.NUM_PLANES, bool)
     segmented[np.asarray(model.planes)] = True
     graphdef, state = nnx.split(model)

@@ -126,7 +126,7 @@ def _model(workdir_or_model, task: str) -> nnx.Module:
     return model
 
 
-def _input_geometry(model) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def input_geometry(model) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(expected exam shape [9, T, H, W], the model's planes)."""
     geometry = model.encoder.config if hasattr(model, "encoder") else model.geometry
     return (NUM_PLANES, geometry.frames, geometry.image_size, geometry.image_size), geometry.planes
@@ -156,7 +156,7 @@ def _predict(
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, replicated(mesh))
     data = batch_sharding(mesh)
-    expected, _ = _input_geometry(model)
+    expected, _ = input_geometry(model)
     dropped = np.zeros(NUM_PLANES, bool)
     dropped[list(absent_planes)] = True
 
