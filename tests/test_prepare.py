@@ -6,7 +6,13 @@ import math
 import grain
 import numpy as np
 import pytest
-from ukbb_fixtures import break_exam, crash_worker_on_eid, make_exam_folder, write_phenotype_csv
+from ukbb_fixtures import (
+    BREAKS,
+    break_exam,
+    crash_worker_on_eid,
+    make_exam_folder,
+    write_phenotype_csv,
+)
 
 from whmae import layout
 from whmae.data import prepare, qc, records
@@ -22,17 +28,7 @@ GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
     "3100004": (4, 56, 50, 11, "sec"),
     "3100005": (5, 72, 30, 13, "sec"),  # has a folder but no CSV row
 }
-BROKEN = (
-    "missing_la_4ch",
-    "missing_sa",
-    "truncated_sa",
-    "nan_sa",
-    "blank_sa",
-    "few_slices",
-    "la_4ch_wrong_dims",
-    "sa_3d",
-    "missing_seg_sa",
-)
+BROKEN = BREAKS  # every broken case the fixture builder knows
 WRITTEN_BROKEN = {"missing_la_4ch", "la_4ch_wrong_dims", "missing_seg_sa"}
 CSV_ONLY = "3199999"
 NO_ROW = "3100005"
