@@ -1,5 +1,6 @@
 """Reading and preprocessing one UK Biobank-layout exam folder (whmae.data.nifti_exam)."""
 
+import gzip
 import shutil
 import zlib
 
@@ -224,13 +225,22 @@ def test_identity_label_map_returns_a_copy_not_the_file_buffer():
 
 
 def _inflate_backends():
-    """zlib, and python-isal when installed (the `fast` extra): both must behave the same."""
-    backends = [(zlib, (zlib.error,))]
+    """(libdeflate or None, streaming inflater, its errors): zlib, and libdeflate and
+    python-isal when installed (the `fast` extra): all must behave the same."""
+    backends = [(None, zlib, (zlib.error,))]
+    try:
+        import deflate
+
+        backends.append((deflate, zlib, (zlib.error,)))
+    except ImportError:
+        pass
     try:
         from isal import isal_zlib
+
+        backends.append((None, isal_zlib, (zlib.error, isal_zlib.error)))
     except ImportError:
-        return backends
-    return [*backends, (isal_zlib, (zlib.error, isal_zlib.error))]
+        pass
+    return backends
 
 
 def test_inflate_backends_give_the_same_exam_and_name_truncated_files(
@@ -241,14 +251,23 @@ def test_inflate_backends_give_the_same_exam_and_name_truncated_files(
     damaged = tmp_path / "2000001"
     shutil.copytree(folder, damaged)
     reason = break_exam(damaged, "truncated_sa")
-    for module, errors in _inflate_backends():
+    for libdeflate, module, errors in _inflate_backends():
+        monkeypatch.setattr(nifti_exam, "_libdeflate", libdeflate)
         monkeypatch.setattr(nifti_exam, "_inflater", module)
         monkeypatch.setattr(nifti_exam, "_INFLATE_ERRORS", errors)
+        name = f"{libdeflate and libdeflate.__name__} then {module.__name__}"
         exam, _ = preprocess_exam(folder, frames=20, size=40)
         for field in ("images", "labels", "pixel_spacing"):
-            np.testing.assert_array_equal(exam[field], expected[field], err_msg=module.__name__)
+            np.testing.assert_array_equal(exam[field], expected[field], err_msg=name)
         with pytest.raises(ExamError, match=f"^{reason}"):
             preprocess_exam(damaged, frames=20, size=40)
+
+
+def test_inflate_gzip_takes_several_members_like_zlib():
+    """libdeflate refuses a second gzip member; the fallback then reads the first one."""
+    first, second = b"NIfTI bytes " * 100, b"trailing member"
+    data = gzip.compress(first) + gzip.compress(second)
+    assert nifti_exam.inflate_gzip(data) == zlib.decompress(data, wbits=31) == first
 
 
 def test_frame_duration_units():

@@ -42,6 +42,7 @@ SEGMENTATION_FILE = {"sa": "seg_sa", "la_2ch": "seg_la_2ch", "la_4ch": "seg_la_4
 WINDOW = len(layout.SHORT_AXIS_PLANES)  # six consecutive short-axis slices
 SLICE_RULES = ("reference", "lv_centre", "centre")
 LA_CROPS = ("centre", "label")
+_HEADER_BYTES = 348  # NIfTI-1; parsed from a small copy, not the whole file
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 try:  # python-isal (the `fast` extra) inflates ~1.6x faster than zlib; same output
@@ -50,11 +51,29 @@ try:  # python-isal (the `fast` extra) inflates ~1.6x faster than zlib; same out
     _INFLATE_ERRORS = (zlib.error, _inflater.error)
 except ImportError:
     _inflater, _INFLATE_ERRORS = zlib, (zlib.error,)
+try:  # libdeflate (the `fast` extra): one-shot gzip members, ~1.2x faster than python-isal
+    import deflate as _libdeflate
+except ImportError:
+    _libdeflate = None
 
 
 def inflate_gzip(data: bytes) -> bytes:
-    """One gzip member -> its bytes, with python-isal when installed, else zlib."""
+    """One gzip member -> its bytes: libdeflate, else python-isal, else zlib (same output).
+
+    libdeflate refuses anything unusual (truncated, corrupt, several members): those go
+    through the streaming inflater, whose error says what is wrong.
+    """
+    if _libdeflate is not None:
+        try:
+            return _libdeflate.gzip_decompress(data)
+        except _libdeflate.DeflateError:
+            pass
     return _inflater.decompress(data, wbits=31)
+
+
+def inflate_backend() -> str:
+    """The library `inflate_gzip` uses first."""
+    return "libdeflate" if _libdeflate is not None else _inflater.__name__
 
 
 class ExamError(ValueError):
@@ -80,7 +99,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = inflate_gzip(raw)  # one gzip member, as nibabel writes
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:_HEADER_BYTES]), check=False)
         if header.sizeof_hdr != 348 or header["magic"].item() not in (b"n+1", b"ni1"):
             raise ValueError(f"not a NIfTI-1 header (magic {header['magic'].item()!r})")
         shape, dtype = header.get_data_shape(), header.get_data_dtype()

@@ -50,7 +50,7 @@ from whmae.data import records
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
 from whmae.data.split_file import SplitAssignment, read_split_file
-from whmae.data.worker_pool import WorkerPool, ordered_results
+from whmae.data.worker_pool import WorkerPool, keep_freed_memory, ordered_results
 from whmae.layout import PHENOTYPE_COLUMNS
 
 ARGS_FILE = "prepare_args.json"
@@ -259,6 +259,8 @@ def prepare_dataset(
     total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
     start, counts = time.perf_counter(), collections.Counter()
     pool = WorkerPool(workers) if workers > 1 and total > 1 else None
+    if pool is None:
+        keep_freed_memory()  # what the pool's workers do (see its docstring)
     try:
         with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
             ahead = 0 if pool is None else 2 * workers  # bounded: exams wait in memory
