@@ -135,7 +135,7 @@ def main() -> None:
         summary = prepare_dataset(
             root, csv_path, out, workers=workers, exams_per_shard=16, progress=False
         )
-        parent, children = (b - a for a, b in zip(cpu_before, _cpu_seconds()))
+        parent, children = (b - a for a, b in zip(cpu_before, _cpu_seconds(), strict=True))
         cpu = parent + children  # this process and its (joined) workers
         run = {
             "workers": workers,
