@@ -28,6 +28,7 @@ import os
 import pstats
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,22 +61,67 @@ def build_cohort(root: Path, exams: int, unique: int) -> Path:
     return csv_path
 
 
-def stage_seconds(folder: Path, repeats: int = 3) -> dict:
-    """CPU seconds per exam inflating its .nii.gz files vs the whole preprocess_exam."""
-    inflate, total = [], []
-    for _ in range(repeats):
-        start = time.process_time()
-        for path in folder.glob("*.nii.gz"):
-            nifti_exam.inflate_gzip(path.read_bytes())
-        inflate.append(time.process_time() - start)
-        start = time.process_time()
-        preprocess_exam(folder)
-        total.append(time.process_time() - start)
+def _inflaters() -> dict:
+    """Every gzip inflater installed: name -> bytes -> bytes."""
+    import zlib
+
+    out = {"zlib": lambda data: zlib.decompress(data, wbits=31)}
+    try:
+        from isal import isal_zlib
+
+        out["python-isal"] = lambda data: isal_zlib.decompress(data, wbits=31)
+    except ImportError:
+        pass
+    try:
+        import deflate
+
+        out["libdeflate"] = deflate.gzip_decompress
+    except ImportError:
+        pass
+    return out
+
+
+_MALLOC_PROBE = """
+import resource, sys, time
+from pathlib import Path
+from whmae.data.nifti_exam import preprocess_exam
+from whmae.data.worker_pool import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+folders = sorted(Path(sys.argv[2]).iterdir())[: int(sys.argv[3])]
+preprocess_exam(folders[0])
+start = time.process_time()
+for folder in folders:
+    preprocess_exam(folder)
+print((time.process_time() - start) / len(folders))
+"""
+
+
+def stage_seconds(root: Path, exams: int, repeats: int = 3) -> dict:
+    """CPU seconds per exam, side by side in this run: inflating its .nii.gz files with
+    each installed inflater, and the whole preprocess_exam (in fresh processes) with
+    glibc's default malloc vs `worker_pool.keep_freed_memory`."""
+    folder = root / "5000000"
+    files = [path.read_bytes() for path in sorted(folder.glob("*.nii.gz"))]
+    inflate = {}
+    for name, inflater in _inflaters().items():
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            for data in files:
+                inflater(data)
+            times.append(time.process_time() - start)
+        inflate[name] = round(min(times), 4)
+    preprocess = {}
+    for mode in ("default", "keep"):
+        command = [sys.executable, "-c", _MALLOC_PROBE, mode, str(root), str(min(exams, 20))]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        preprocess[f"malloc_{mode}"] = round(float(out.stdout), 4)
     sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.nii.gz"))}
     return {
         "inflate_backend": nifti_exam.inflate_backend(),
-        "gzip_inflate_cpu_s": min(inflate),
-        "preprocess_exam_cpu_s": min(total),
+        "gzip_inflate_cpu_s": inflate,
+        "preprocess_exam_cpu_s": preprocess,
         "compressed_bytes": sizes,
     }
 
@@ -123,7 +169,7 @@ def main() -> None:
         "exams": args.exams,
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)),
-        "stages": stage_seconds(root / "5000000"),
+        "stages": stage_seconds(root, args.exams),
         "runs": [],
     }
     print(json.dumps(results["stages"]))
