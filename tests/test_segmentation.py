@@ -20,7 +20,14 @@ from whmae.model.io import save_model
 from whmae.model.mae import MaskedAutoencoder, tiny_config
 from whmae.tasks.config import load_config_file
 from whmae.tasks.predict import load_finetuned, predict_segmentation
-from whmae.tasks.segmentation import SegmentationModel, segmentation_loss_values, stage_factors
+from whmae.tasks.segmentation import (
+    Conv1x1x1,
+    Conv3x3x3,
+    PatchConvTranspose,
+    SegmentationModel,
+    segmentation_loss_values,
+    stage_factors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, SIZE = 2, 10, 32
@@ -41,6 +48,31 @@ def model_and_forward():
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, m))
     return model, lambda images, mask: np.asarray(forward(state, images, mask))
+
+
+@pytest.mark.parametrize("factor", [(5, 2, 2), (1, 2, 2), (2, 3, 1)])
+def test_fast_convolutions_equal_flax_convolutions_with_the_same_parameters(factor):
+    """The decoder's CPU-friendly layers compute exactly what nnx.Conv / ConvTranspose do."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 6, 5, 3)), jnp.float32)
+    fast = Conv3x3x3(3, 7, use_bias=True, rngs=nnx.Rngs(1))
+    fast.bias[...] = jnp.asarray(rng.standard_normal(7), jnp.float32)
+    reference = nnx.Conv(3, 7, (3, 3, 3), padding="SAME", rngs=nnx.Rngs(2))
+    nnx.update(reference, nnx.state(fast))
+    np.testing.assert_allclose(fast(x), reference(x), rtol=1e-5, atol=1e-5)
+    pointwise = Conv1x1x1(3, 5, use_bias=True, rngs=nnx.Rngs(5))
+    pointwise.bias[...] = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    reference = nnx.Conv(3, 5, (1, 1, 1), rngs=nnx.Rngs(6))
+    nnx.update(reference, nnx.state(pointwise))
+    np.testing.assert_allclose(pointwise(x), reference(x), rtol=1e-5, atol=1e-5)
+
+    up = PatchConvTranspose(3, 4, factor, rngs=nnx.Rngs(3))
+    up.bias[...] = jnp.asarray(rng.standard_normal(4), jnp.float32)
+    reference = nnx.ConvTranspose(3, 4, factor, factor, padding="VALID", rngs=nnx.Rngs(4))
+    nnx.update(reference, nnx.state(up))
+    out = up(x)
+    assert out.shape == (2, 4 * factor[0], 6 * factor[1], 5 * factor[2], 4)
+    np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_head_segments_all_planes_and_frames_at_full_resolution(model_and_forward):

@@ -181,7 +181,13 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
 
     def flush(writer, step: int, interval_s: float, interval_steps: int, write: bool):
         """Check every pending step for non-finite values; log the newest one if `write`."""
-        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        # One device_get of the whole list: transfers start together (one blocking fetch
+        # per step made every log boundary stall for seconds with many devices).
+        values = jax.device_get([m for _, m in pending])
+        fetched = [
+            (s, {k: float(v) for k, v in m.items()})
+            for (s, _), m in zip(pending, values, strict=True)
+        ]
         pending.clear()
         bad = _first_non_finite(fetched)
         if bad is not None:
