@@ -215,3 +215,22 @@ def test_freeze_patterns_that_match_nothing_are_refused():
     updates, _ = tx.update(params, tx.init(params), params)
     assert not np.asarray(updates["encoder"]["kernel"]).any()
     assert np.asarray(updates["out"]["kernel"]).all()
+
+
+def test_tokens_pool_puts_every_token_back_in_grid_order():
+    """pool 'tokens': the encoder's shuffled tokens, unshuffled, absent ones zeroed."""
+    from whmae.tasks.phenotype import pool_features
+
+    rng = np.random.default_rng(0)
+    grid_tokens = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    ids = np.stack([rng.permutation(6) for _ in range(2)])  # shuffled slot k holds ids[k]
+    valid_grid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    encoded = {
+        "cls": jnp.zeros((2, 3)),
+        "tokens": jnp.asarray(np.take_along_axis(grid_tokens, ids[..., None], 1)),
+        "token_valid": jnp.asarray(np.take_along_axis(valid_grid, ids, 1)),
+        "ids_shuffle": jnp.asarray(ids, jnp.int32),
+    }
+    features = np.asarray(pool_features(encoded, "tokens"))
+    expected = (grid_tokens * valid_grid[..., None]).reshape(2, -1)
+    np.testing.assert_allclose(features, expected, rtol=0, atol=0)

@@ -6,9 +6,10 @@ Targets are standardised per column with the TRAIN split's mean and std
 `to_physical` undoes it. Missing targets (NaN) carry no loss.
 
 Models (`config.model.arch`): `vit` = `PhenotypeRegressor`, the MAE encoder (pretrained
-or from scratch) + a head on the cls token, the mean of the available tokens, or both
-concatenated (`model.pool`); in probe mode the features pass `jax.lax.stop_gradient`,
-so no gradient reaches the encoder. `resnet` = `whmae.tasks.resnet.ResNetRegressor`.
+or from scratch) + a head on the cls token, the mean of the available tokens, both
+concatenated, or all tokens in grid order flattened (`model.pool`); in probe mode the
+features pass `jax.lax.stop_gradient`, so no gradient reaches the encoder.
+`resnet` = `whmae.tasks.resnet.ResNetRegressor`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flax import nnx
 from whmae.data.pipeline import dataset_info
 from whmae.layout import PHENOTYPE_COLUMNS, phenotype_index
 from whmae.model.config import MAEConfig
+from whmae.model.masking import restore_order
 from whmae.model.vit import Dense
 from whmae.tasks.config import init_step
 from whmae.tasks.encoder_init import MAEEncoder, encoder_config, pretrained_encoder_init
@@ -41,7 +43,7 @@ __all__ = [
     "train_stats",
 ]
 
-POOLS = ("cls", "mean", "cls_mean")
+POOLS = ("cls", "mean", "cls_mean", "tokens")
 FIELDS = ("images", "plane_mask", "phenotypes")
 
 log = logging.getLogger(__name__)
@@ -76,10 +78,14 @@ class Standardised(nnx.Module):
 
 
 def pool_features(encoded: dict, pool: str) -> jax.Array:
-    """Encoder output -> [B, F] float32: cls, mean of the valid tokens, or both."""
+    """Encoder output -> [B, F] float32: cls, mean of the valid tokens, both, or every
+    token in grid order, flattened (absent planes' tokens zero: keeps where things are)."""
     cls = encoded["cls"].astype(jnp.float32)
     valid = encoded["token_valid"].astype(jnp.float32)[..., None]
     tokens = encoded["tokens"].astype(jnp.float32)
+    if pool == "tokens":
+        grid = restore_order(tokens * valid, encoded["ids_shuffle"])
+        return grid.reshape(grid.shape[0], -1)
     mean = jnp.sum(tokens * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
     return {"cls": cls, "mean": mean, "cls_mean": jnp.concatenate([cls, mean], -1)}[pool]
 
@@ -105,7 +111,7 @@ class PhenotypeRegressor(Standardised):
         self.encoder = MAEEncoder(encoder, rngs=rngs)
         self._init_scale(columns, mean, std)
         self.pool, self.freeze_encoder = pool, freeze_encoder
-        features = encoder.width * (2 if pool == "cls_mean" else 1)
+        features = encoder.width * {"cls_mean": 2, "tokens": encoder.num_tokens}.get(pool, 1)
         self.head_norm = nnx.LayerNorm(features, rngs=rngs)
         self.hidden = (
             Dense(features, head_hidden, (None, None), dtype=jnp.float32, rngs=rngs)
