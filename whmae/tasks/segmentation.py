@@ -72,6 +72,12 @@ def stage_factors(patch_size: Sequence[int]) -> list[tuple[int, int, int]]:
     return [tuple(f[i] for f in per_dim) for i in range(stages)]
 
 
+def _promoted(layer, x):
+    """(x, kernel, bias) of a flax conv layer in its compute dtype, as flax computes them."""
+    bias = layer.bias[...] if layer.bias is not None else None
+    return layer.promote_dtype((x, layer.kernel[...], bias), dtype=layer.dtype)
+
+
 class Conv3x3x3(nnx.Conv):
     """`nnx.Conv` with a (3, 3, 3) kernel and SAME padding (same parameters, same output)
     computed as one 2D conv over (h, w) of the three time-shifted inputs stacked along
@@ -83,9 +89,7 @@ class Conv3x3x3(nnx.Conv):
 
     def __call__(self, x):
         b, t, h, w, c = x.shape
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        x, kernel, bias = _promoted(self, x)
         padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
         stacked = jnp.concatenate([padded[:, dt : dt + t] for dt in range(3)], axis=-1)
         planar = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, -1)  # (kh, kw, kt*c, o)
@@ -109,9 +113,7 @@ class PatchConvTranspose(nnx.ConvTranspose):
     def __call__(self, x):
         b, t, h, w, _ = x.shape
         ft, fh, fw = self.kernel_size
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        x, kernel, bias = _promoted(self, x)
         # lax.conv_transpose fills block offset a with kernel tap (f - 1 - a): flipped.
         kernel = kernel[::-1, ::-1, ::-1]
         y = jnp.einsum("bthwc,xyzcd->btxhywzd", x, kernel, precision=self.precision)
@@ -126,9 +128,7 @@ class Conv1x1x1(nnx.Conv):
         super().__init__(features_in, features_out, (1, 1, 1), padding="SAME", **kwargs)
 
     def __call__(self, x):
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        x, kernel, bias = _promoted(self, x)
         y = jnp.einsum("...c,cd->...d", x, kernel[0, 0, 0], precision=self.precision)
         return y if bias is None else y + bias
 
