@@ -1,6 +1,7 @@
 """Throughput of `whmae-prepare` on UK Biobank-sized NIfTI exams, and where the time goes.
 
     python benchmarks/bench_prepare.py --exams 40 --workers 1 2 --out bench_prepare.json
+    python benchmarks/bench_prepare.py --exams 120 --workers 1 2 --write-to /dev/shm
     python benchmarks/bench_prepare.py --exams 8 --workers --profile   # where the CPU goes
 
 Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
@@ -9,13 +10,18 @@ images and uint8 segmentations, gzip-compressed by nibabel. `--unique` subjects 
 rendered (slow at this size) and copied to `--exams` folders with distinct eids. Every
 file is read once before timing (page cache; a network file system adds its own cost).
 
-Reports, per worker count, exams/s of the whole `prepare_dataset` run (read, preprocess,
-write shards, finalize) and its CPU seconds per exam (parent + workers): on a shared,
-busy machine wall time mostly measures the neighbours, CPU time the work. Also, in one
-process, the seconds per exam spent inflating the gzip streams (zlib) vs the whole
-preprocessing (python-isal when installed: `pip install whmae[fast]`), and the 100k-exam
-plan: CPU seconds per exam x 100,000 / cores. `--profile`: cProfile (CPU time) of reading,
-preprocessing, encoding and writing `--exams` exams in one process.
+Reports, per worker count and output folder, exams/s of the whole `prepare_dataset` run
+(read, preprocess, write shards, finalize; with several workers whole shards are written
+in the workers) and its CPU seconds per exam (parent + workers; the kernel's part apart):
+on a shared, busy machine wall time mostly measures the neighbours, CPU time the work.
+Writing new files to a disk costs kernel time that depends on the file system and on how
+much dirty page cache is waiting (measured here: 0.002-0.05 CPU-s per 7 MB file on this
+machine's ext4); `--write-to /dev/shm` measures the same run without it. Also, in one
+process and side by side, the CPU seconds per exam spent inflating the gzip streams with
+each installed inflater, the whole preprocess_exam with glibc's default malloc vs
+`worker_pool.keep_freed_memory`, and the 100k-exam plan: CPU seconds per exam x 100,000 /
+cores. `--profile`: cProfile (CPU time) of reading, preprocessing, encoding and writing
+`--exams` exams in one process.
 """
 
 from __future__ import annotations
@@ -142,10 +148,10 @@ def profile(folders: list[Path], scratch: Path, top: int = 16) -> str:
     return f"{len(folders)} exams\n" + text.getvalue()
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(this process, its joined children) CPU seconds."""
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(this process, its joined children, kernel part of both) CPU seconds."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return tuple(u.ru_utime + u.ru_stime for u in usage)
+    return (*(u.ru_utime + u.ru_stime for u in usage), sum(u.ru_stime for u in usage))
 
 
 def main() -> None:
@@ -156,6 +162,19 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile by CPU time")
     parser.add_argument("--data", default=None, help="keep the NIfTI cohort here (reuse)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--flush-mb",
+        nargs="*",
+        default=["8"],
+        help="runs with these WHMAE_WRITE_FLUSH_MB (MiB between flushes; 0: at the end only)",
+    )
+    parser.add_argument(
+        "--write-to",
+        nargs="*",
+        default=[],
+        help="also run with the dataset written under these folders (e.g. /dev/shm: "
+        "without the disk's page-cache writeback, which the kernel bills to the writer)",
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     root = Path(args.data) if args.data else scratch / "exams"
@@ -175,19 +194,29 @@ def main() -> None:
     print(json.dumps(results["stages"]))
     if args.profile:
         print(profile(sorted(root.iterdir())[: args.exams], scratch))
-    for workers in args.workers:
-        out = scratch / f"out_{workers}"
+    runs = [
+        (t, f, w)
+        for t in [scratch, *map(Path, args.write_to)]
+        for f in args.flush_mb
+        for w in args.workers
+    ]
+    for target, flush_mb, workers in runs:
+        os.environ[records.FLUSH_ENV] = flush_mb  # read by write_shard (also in workers)
+        out = Path(tempfile.mkdtemp(prefix="bench_prepare_out_", dir=target))
         cpu_before = _cpu_seconds()
         summary = prepare_dataset(
             root, csv_path, out, workers=workers, exams_per_shard=16, progress=False
         )
-        parent, children = (b - a for a, b in zip(cpu_before, _cpu_seconds(), strict=True))
+        parent, children, kernel = (b - a for a, b in zip(cpu_before, _cpu_seconds(), strict=True))
         cpu = parent + children  # this process and its (joined) workers
         run = {
             "workers": workers,
+            "written_to": str(target),
+            "flush_mb": flush_mb,
             "seconds": summary["seconds"],
             "exams_per_second": summary["exams_per_second"],
             "cpu_seconds_per_exam": round(cpu / args.exams, 4),
+            "kernel_cpu_seconds_per_exam": round(kernel / args.exams, 4),
             "parent_cpu_seconds_per_exam": round(parent / args.exams, 4),
             "written": summary["written"],
         }

@@ -188,3 +188,71 @@ def test_quantisation_cost_on_a_phantom_exam():
     assert np.abs(error).max() <= (hi - lo) / 510 * (1 + 1e-4)
     rms = np.sqrt(np.mean(error**2)) / (hi - lo)
     assert rms == pytest.approx(1 / (255 * np.sqrt(12)), rel=0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.int8])
+def test_quantize_planes_of_integers_equals_the_float_formula(dtype):
+    """The lookup-table path (NIfTI integers) gives the float32 formula's numbers exactly,
+    also with a float (time-resampled) plane beside integer ones and an absent plane."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(1)
+    planes = {
+        i: rng.integers(info.min, info.max, (4, 6, 6), endpoint=True).astype(dtype)
+        for i in (0, 2, 3, 4, 5, 6, 7, 8)
+    }
+    planes[3] = planes[3] // 3  # a narrower range on one plane
+    planes[7] = (planes[7].astype(np.float32) * 0.37).astype(np.float32)  # resampled
+    stack = np.zeros((9, 4, 6, 6), np.float32)
+    for i, p in planes.items():
+        stack[i] = p
+    mask = np.isin(np.arange(9), list(planes))
+    expected = records.quantize_images(stack, mask)
+    got = records.quantize_planes(planes, stack.shape)
+    np.testing.assert_array_equal(got, expected)
+    assert not got[1].any() and got[mask].max() == 255 and got[mask].min() == 0
+    # Not the identity of a trivial table: many distinct levels come out.
+    assert len(np.unique(got[0])) > 100
+
+
+@pytest.mark.parametrize(("flush_mb", "more_than_at_close"), [("0", False), ("0.0001", True)])
+def test_shard_files_are_flushed_as_they_grow_and_before_the_marker(
+    tmp_path, monkeypatch, flush_mb, more_than_at_close
+):
+    synced, real_fdatasync = [], records.os.fdatasync
+
+    def fdatasync(fd):
+        synced.append(records.os.fstat(fd).st_size)
+        real_fdatasync(fd)
+
+    monkeypatch.setenv(records.FLUSH_ENV, flush_mb)
+    monkeypatch.setattr(records.os, "fdatasync", fdatasync)
+    # ~3 MB each, 40 MB in all: the writer hands its file 16 MiB blocks.
+    exams = [random_exam(k, frames=16, size=128) for k in range(12)]
+
+    def written():
+        for exam in exams:
+            yield exam
+            # Nothing is marked complete while the shard is being written.
+            assert records.read_shard_markers(tmp_path) == {}
+
+    counts = records.write_shard(written(), tmp_path, 0, 1, split_of=lambda eid: "train")
+    files = [s for s in SPLITS if counts[s]]
+    # Every split file is synced at its full size before the marker appears...
+    final_sizes = {(tmp_path / records.shard_file(s, 0, 1)).stat().st_size for s in files}
+    assert final_sizes <= set(synced)
+    # ...and, with a small threshold, also while it grows.
+    assert files == ["train"] and (len(synced) > 1) == more_than_at_close
+    source = grain.sources.ArrayRecordDataSource(
+        [str(tmp_path / records.shard_file(s, 0, 1)) for s in files]
+    )
+    got = sorted(
+        (records.decode_exam(source[i]) for i in range(len(source))), key=lambda e: e["eid"]
+    )
+    for g, want in zip(got, sorted(exams, key=lambda e: e["eid"]), strict=True):
+        assert_same_exam(g, want)
+
+
+def test_bad_flush_setting_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(records.FLUSH_ENV, "lots")
+    with pytest.raises(ValueError, match="WHMAE_WRITE_FLUSH_MB='lots'"):
+        records.write_shard([random_exam(0)], tmp_path, 0, 1)

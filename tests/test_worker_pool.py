@@ -1,9 +1,13 @@
-"""whmae.data.worker_pool: freed exam-sized buffers are reused, not mapped afresh."""
+"""whmae.data.worker_pool: freed exam-sized buffers are reused, not mapped afresh; whole
+shards run in workers and a dying worker costs only its own job."""
 
 import subprocess
 import sys
 
 import pytest
+from ukbb_fixtures import crash_shard_on_eid, crash_worker_on_eid
+
+from whmae.data.worker_pool import WorkerPool, ordered_results, whole_shard_results
 
 _PROBE = """
 import resource, sys
@@ -32,3 +36,29 @@ def test_keep_freed_memory_reuses_large_buffers():
     pages = (40 << 20) // 4096
     assert _page_faults("default") > pages // 2  # glibc maps >32 MiB blocks afresh
     assert _page_faults("keep") < pages // 20  # the freed block comes back
+
+
+def test_whole_shards_in_workers_survive_a_dying_worker():
+    names = ["a", "b", "c", "crash", "d", "e", "f", "g", "h", "i"]
+    tasks = [
+        (slot, 10 + slot, [{"eid": e} for e in names[2 * slot : 2 * slot + 2]]) for slot in range(5)
+    ]
+    reruns, progress = [], []
+    pool = WorkerPool(2, progress_slots=len(tasks))
+
+    def rerun(shard, jobs):  # what prepare does: one exam at a time, finding the culprit
+        reruns.append(shard)
+        return [
+            r for _, r in ordered_results(((shard, j) for j in jobs), pool, 2, crash_worker_on_eid)
+        ]
+
+    try:
+        results = dict(whole_shard_results(tasks, pool, crash_shard_on_eid, rerun, progress.append))
+    finally:
+        pool.shutdown()
+    assert sorted(results) == [10, 11, 12, 13, 14]  # every shard, each once
+    status = {r["eid"]: r["status"] for shard in results.values() for r in shard}
+    assert status == {e: "rejected" if e == "crash" else "written" for e in names}
+    assert 11 in reruns and len(reruns) <= 2  # the crashing shard and at most its neighbour
+    # Progress counts the jobs of the shards that finished in workers, nothing of reruns.
+    assert sum(progress) == 2 * (len(tasks) - len(reruns))

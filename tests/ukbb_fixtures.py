@@ -198,3 +198,14 @@ def crash_worker_on_eid(job: dict) -> dict:
     if job["eid"] == "crash":
         os._exit(3)
     return {"eid": job["eid"], "status": "written"}
+
+
+def crash_shard_on_eid(slot: int, shard: int, jobs: list[dict]) -> list[dict]:
+    """A whole-shard worker stand-in: `crash_worker_on_eid` per job, reporting progress."""
+    from whmae.data.worker_pool import count_done
+
+    results = []
+    for job in jobs:
+        results.append(crash_worker_on_eid(job))
+        count_done(slot)
+    return results

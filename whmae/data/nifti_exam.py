@@ -34,7 +34,7 @@ import numpy as np
 
 from whmae import layout
 from whmae.data import label_maps
-from whmae.data.records import quantize_images
+from whmae.data.records import quantize_planes
 
 LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")  # planes 0, 1, 2
 VIEWS = (*LONG_AXIS_VIEWS, "sa")
@@ -311,8 +311,9 @@ def preprocess_exam(
     label_maps.check_convention(label_convention)
     if la_crop not in LA_CROPS:
         raise ValueError(f"unknown long-axis crop {la_crop!r}; expected one of {LA_CROPS}")
-    images = np.zeros((layout.NUM_PLANES, frames, size, size), np.float32)
-    labels = np.zeros(images.shape, np.uint8)
+    shape = (layout.NUM_PLANES, frames, size, size)
+    windows = {}  # plane -> [frames, size, size] in the file's dtype (float32 if resampled)
+    labels = np.zeros(shape, np.uint8)
     plane_mask = np.zeros(layout.NUM_PLANES, bool)
     label_mask = np.zeros(layout.NUM_PLANES, bool)
     spacing = np.full((layout.NUM_PLANES, 2), np.nan, np.float32)
@@ -341,7 +342,8 @@ def preprocess_exam(
         )
         slices, rule_used = select_short_axis_slices(ed_seg, short_axis.shape[0], slice_rule)
         if seg_sa is not None:
-            window_seg = remap_segmentation(seg_sa[slices], "sa", label_convention)
+            stack = slice(slices[0], slices[-1] + 1)  # consecutive: a view, no gather
+            window_seg = remap_segmentation(seg_sa[stack], "sa", label_convention)
     except ExamError as e:
         geometry["warnings"].append(f"{e} (plane unlabelled)")
         slices, rule_used = select_short_axis_slices(None, short_axis.shape[0], slice_rule)
@@ -350,8 +352,8 @@ def preprocess_exam(
     height, width = short_axis.shape[2:]
     row, col = crop_offsets(None if window_seg is None else window_seg > 0, height, width, size)
     planes = list(layout.SHORT_AXIS_PLANES)
-    window = crop(short_axis[slices], row, col, size, sa_info["min"]).astype(np.float32)
-    images[planes] = resample_time(window, frames)
+    window = crop(short_axis[slices[0] : slices[-1] + 1], row, col, size, sa_info["min"])
+    windows.update(zip(planes, resample_time(window, frames), strict=True))
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
         label_mask[planes] = True
@@ -378,8 +380,7 @@ def preprocess_exam(
             seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
         use_label = la_crop == "label" and seg is not None
         row, col = crop_offsets(seg > 0 if use_label else None, *view.shape[2:], size)
-        window = crop(view[0], row, col, size, info["min"]).astype(np.float32)
-        images[plane] = resample_time(window, frames)
+        windows[plane] = resample_time(crop(view[0], row, col, size, info["min"]), frames)
         if seg is not None:
             labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
             label_mask[plane] = True
@@ -393,7 +394,7 @@ def preprocess_exam(
         phenotypes[:] = np.asarray(phenotype_row, np.float32)
     exam = {
         "eid": eid,
-        "images": quantize_images(images, plane_mask),
+        "images": quantize_planes(windows, shape),
         "labels": labels,
         "phenotypes": phenotypes,
         "plane_mask": plane_mask,

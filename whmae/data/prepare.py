@@ -26,8 +26,13 @@ lists). A written subject missing from that file falls back to the hash split an
 flagged (manifest: split_source "hash" and a warning; summary: split_sources), so a
 partial list never silently drops exams; `--strict-split` rejects such subjects instead.
 
-Speed: gzip inflate is most of the CPU; `pip install whmae[fast]` (python-isal) makes it
-~1.7x faster (benchmarks/bench_prepare.py measures exams/s and CPU seconds per exam).
+Speed: with --workers > 1 and at least as many shards to write, each worker prepares and
+writes whole shards (records never travel through this process; a worker that dies
+hands its shard back to be redone one exam at a time, which finds the culprit); with
+fewer shards the exams of each shard are spread over the workers and written here.
+gzip inflate is most of the CPU: `pip install whmae[fast]` (libdeflate, python-isal)
+makes it ~2.2x faster than zlib (benchmarks/bench_prepare.py measures exams/s and CPU
+seconds per exam).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -50,7 +55,13 @@ from whmae.data import records
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
 from whmae.data.split_file import SplitAssignment, read_split_file
-from whmae.data.worker_pool import WorkerPool, keep_freed_memory, ordered_results
+from whmae.data.worker_pool import (
+    WorkerPool,
+    count_done,
+    keep_freed_memory,
+    ordered_results,
+    whole_shard_results,
+)
 from whmae.layout import PHENOTYPE_COLUMNS
 
 ARGS_FILE = "prepare_args.json"
@@ -246,27 +257,41 @@ def prepare_dataset(
     if stop_after_shards is not None:
         todo = todo[:stop_after_shards]
 
-    def jobs():
-        for shard in todo:
-            for eid in eids[shard * exams_per_shard : (shard + 1) * exams_per_shard]:
-                job = _job(eid, shard, root, folders, phenotypes, require_phenotypes)
-                if "status" not in job:
-                    job = _assign_split(job, assignment, split_file, strict_split)
-                if "status" not in job:
-                    job.update(options=options, flags=job["flags"] + cell_warnings.get(eid, []))
-                yield shard, job
+    def shard_jobs(shard):
+        jobs = []
+        for eid in eids[shard * exams_per_shard : (shard + 1) * exams_per_shard]:
+            job = _job(eid, shard, root, folders, phenotypes, require_phenotypes)
+            if "status" not in job:
+                job = _assign_split(job, assignment, split_file, strict_split)
+            if "status" not in job:
+                job.update(options=options, flags=job["flags"] + cell_warnings.get(eid, []))
+            jobs.append(job)
+        return jobs
 
-    total = sum(len(eids[s * exams_per_shard : (s + 1) * exams_per_shard]) for s in todo)
+    tasks = [(slot, shard, shard_jobs(shard)) for slot, shard in enumerate(todo)]
+    total = sum(len(jobs) for _, _, jobs in tasks)
     start, counts = time.perf_counter(), collections.Counter()
-    pool = WorkerPool(workers) if workers > 1 and total > 1 else None
+    pool = WorkerPool(workers, len(tasks)) if workers > 1 and total > 1 else None
     if pool is None:
         keep_freed_memory()  # what the pool's workers do (see its docstring)
     try:
         with tqdm(total=total, unit="exam", desc="prepare", disable=not progress) as bar:
-            ahead = 0 if pool is None else 2 * workers  # bounded: exams wait in memory
-            results = ordered_results(jobs(), pool, lookahead=ahead, work=_prepare_one)
-            for shard, group in itertools.groupby(results, key=lambda r: r[0]):
-                entries = _write_prepared_shard(out_dir, shard, num_shards, group, bar, assignment)
+
+            def in_this_process(shard, jobs):
+                """Exams prepared one by one (in workers when there is a pool), written here."""
+                ahead = 0 if pool is None else 2 * pool.workers  # bounded: exams in memory
+                results = ordered_results(
+                    ((shard, job) for job in jobs), pool, lookahead=ahead, work=_prepare_one
+                )
+                return _write_prepared_shard(out_dir, shard, num_shards, results, bar.update)
+
+            if pool is not None and len(tasks) >= workers:
+                # Whole shards in workers: records never travel through this process.
+                work = functools.partial(_prepare_shard, out_dir=out_dir, num_shards=num_shards)
+                done = whole_shard_results(tasks, pool, work, in_this_process, bar.update)
+            else:  # too few shards to keep the workers busy: spread their exams instead
+                done = ((shard, in_this_process(shard, jobs)) for _, shard, jobs in tasks)
+            for _, entries in done:
                 counts.update(e["status"] for e in entries)
     finally:
         if pool is not None:
@@ -324,23 +349,35 @@ def _assign_split(job: dict, assignment: SplitAssignment, split_file, strict: bo
     return {**job, "split": assignment(eid), "split_source": source}
 
 
-def _write_prepared_shard(
-    out_dir: Path, shard: int, num_shards: int, group, bar, assignment=None
-) -> list[dict]:
-    """Write one shard's records, then its geometry and (last) its manifest sidecar."""
-    entries, geometry = [], []
+def _prepare_shard(slot: int, shard: int, jobs: list[dict], out_dir, num_shards) -> list[dict]:
+    """Worker: prepare and write one whole shard; returns its manifest entries."""
+
+    def results():
+        for job in jobs:
+            yield shard, job if "status" in job else _prepare_one(job)
+            count_done(slot)
+
+    return _write_prepared_shard(Path(out_dir), shard, num_shards, results())
+
+
+def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, results, on_exam=None):
+    """Write one shard's records (results: (shard, `_prepare_one` result)), then its
+    geometry and (last) its manifest sidecar; returns the manifest entries."""
+    entries, geometry, splits = [], [], {}
 
     def exams():
-        for _, result in group:
-            bar.update(1)
+        for _, result in results:
+            if on_exam is not None:
+                on_exam(1)
             record, exam_geometry = result.pop("record", None), result.pop("geometry", None)
             entries.append(result)
             if record is not None:
                 geometry.append(exam_geometry)
+                splits[result["eid"]] = result["split"]
                 yield record
 
     (out_dir / manifest_file(shard, num_shards)).unlink(missing_ok=True)
-    records.write_shard(exams(), out_dir, shard, num_shards, split_of=assignment)
+    records.write_shard(exams(), out_dir, shard, num_shards, split_of=splits.__getitem__)
     _atomic_write_lines(out_dir / geometry_file(shard, num_shards), geometry)
     _atomic_write_lines(out_dir / manifest_file(shard, num_shards), entries)
     return entries

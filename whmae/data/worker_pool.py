@@ -2,7 +2,9 @@
 
 One bad exam (out of memory, a crash in a C extension) must not stop a run of
 thousands: `ordered_results` reruns the unfinished jobs one at a time in a fresh pool
-and rejects only the job whose worker dies again.
+and rejects only the job whose worker dies again. `whole_shard_results` runs whole
+shards in workers (no per-job traffic through the parent) and hands the shards a dying
+worker took down back to the caller (which reruns them with `ordered_results`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_done_counts = None  # in a worker: the pool's shared progress counters (one per shard slot)
 
 
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 << 20) -> bool:
@@ -35,6 +38,23 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
     return bool(
         mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
+
+
+def _initialize_worker(done_counts) -> None:
+    global _done_counts
+    _done_counts = done_counts
+    keep_freed_memory()
+
+
+def count_done(slot: int, count: int = 1) -> None:
+    """In a worker: add `count` finished jobs to progress counter `slot` of its pool.
+
+    One shard (one worker) writes a slot, so no lock is needed, and a worker killed
+    mid-update cannot leave a lock held that would hang the others. Outside a pool with
+    counters, a no-op.
+    """
+    if _done_counts is not None and slot < len(_done_counts):
+        _done_counts[slot] += count
 
 
 class _Inline:
@@ -60,18 +80,23 @@ class WorkerPool:
     """Spawn-safe worker processes that come back after a worker dies (out of memory, a
     crash in a C extension): one bad exam must not stop the run."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, progress_slots: int = 0):
         self.workers = workers
+        self.context = multiprocessing.get_context("spawn")  # safe beside JAX threads
+        # Shared (lock-free) progress counters for `count_done`; they outlive restarts.
+        self.done_counts = self.context.RawArray("q", max(progress_slots, 1))
         self.executor = self._start()
 
     def _start(self):
-        context = multiprocessing.get_context("spawn")  # safe beside JAX threads
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=keep_freed_memory
+            self.workers,
+            mp_context=self.context,
+            initializer=_initialize_worker,
+            initargs=(self.done_counts,),
         )
 
-    def submit(self, work, job):
-        return self.executor.submit(work, job)
+    def submit(self, work, *args):
+        return self.executor.submit(work, *args)
 
     def restart(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -128,3 +153,53 @@ def ordered_results(jobs, pool: WorkerPool | None, lookahead: int, work):
             yield finish(pending.popleft())
     while pending:
         yield finish(pending.popleft())
+
+
+def whole_shard_results(tasks, pool: WorkerPool, work_shard, rerun, on_progress=None):
+    """(shard, result) for each task (slot, shard, jobs), in the order shards finish.
+
+    Each shard runs whole in one worker: work_shard(slot, shard, jobs) (picklable; calls
+    `count_done(slot)` per job). At most `pool.workers` shards are in flight. When a worker
+    dies, the pool restarts and every shard that was in flight is handed to
+    rerun(shard, jobs), called here (e.g. one job at a time through `ordered_results`,
+    which finds the culprit); its return value is that shard's result.
+    on_progress(delta): change in the number of jobs the workers report done.
+    """
+    waiting, running = collections.deque(tasks), {}
+    reported = 0
+
+    def progress():
+        nonlocal reported
+        done = sum(pool.done_counts)
+        if on_progress is not None and done != reported:
+            on_progress(done - reported)
+        reported = done
+
+    while waiting or running:
+        broken, pool_broke = [], False
+        while waiting and len(running) < pool.workers:
+            slot, shard, jobs = task = waiting.popleft()
+            try:
+                running[pool.submit(work_shard, slot, shard, jobs)] = task
+            except concurrent.futures.process.BrokenProcessPool:
+                waiting.appendleft(task)  # not started: it runs after the restart
+                pool_broke = True
+                break
+        finished, _ = concurrent.futures.wait(
+            running, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        if pool_broke or any(f.exception() is not None for f in finished):
+            finished = concurrent.futures.wait(running).done  # the others fail with it
+        progress()
+        for future in finished:
+            task = running.pop(future)
+            if isinstance(future.exception(), concurrent.futures.process.BrokenProcessPool):
+                broken.append(task)
+            else:
+                yield task[1], future.result()  # another exception stops the run
+        if broken or pool_broke:
+            pool.restart()
+            for slot, shard, jobs in broken:
+                pool.done_counts[slot] = 0  # its worker is gone; rerun reports anew
+                progress()
+                yield shard, rerun(shard, jobs)
