@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data import phantom, records
+from whmae.data import phantom, quantize, records
 from whmae.data.generate import generate_dataset
 from whmae.data.pipeline import make_pipeline, num_examples
 
@@ -40,7 +40,7 @@ def write_reference_npz(config: phantom.PhantomConfig, num_exams: int, out_dir: 
         planes = phantom.exam_planes(config, subject)
         rng = np.random.default_rng([config.seed, index, 1])  # make_exam's noise stream
         images, labels = phantom.render_planes(subject, planes, VIEWS, rng)  # [9, T, H, W]
-        error = records.quantize_images(images).astype(np.float64) / 255
+        error = quantize.quantize_images(images).astype(np.float64) / 255
         error -= (images - images.min()) / (images.max() - images.min())
         worst, squares, count = (
             max(worst, np.abs(error).max()),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_exam
 
-from whmae.data import records
+from whmae.data import quantize, records
 from whmae.data.records import RecordError
 from whmae.data.splits import SPLITS, split_of
 from whmae.layout import PHENOTYPE_COLUMNS
@@ -163,7 +163,7 @@ def test_quantize_error_within_half_a_level():
     plane_mask = np.ones(9, bool)
     plane_mask[1] = False
     images[1] = 1e6  # an absent plane must not set the intensity range
-    q = records.quantize_images(images, plane_mask)
+    q = quantize.quantize_images(images, plane_mask)
     present = images[plane_mask]
     lo, hi = present.min(), present.max()
     restored = q[plane_mask].astype(np.float64) / 255 * (hi - lo) + lo
@@ -182,7 +182,7 @@ def test_quantisation_cost_on_a_phantom_exam():
     images, _ = phantom.render_planes(
         subject, phantom.exam_planes(config, subject), views, np.random.default_rng(0)
     )
-    q = records.quantize_images(images)
+    q = quantize.quantize_images(images)
     lo, hi = float(images.min()), float(images.max())
     error = q.astype(np.float64) / 255 * (hi - lo) + lo - images
     assert np.abs(error).max() <= (hi - lo) / 510 * (1 + 1e-4)
@@ -206,8 +206,8 @@ def test_quantize_planes_of_integers_equals_the_float_formula(dtype):
     for i, p in planes.items():
         stack[i] = p
     mask = np.isin(np.arange(9), list(planes))
-    expected = records.quantize_images(stack, mask)
-    got = records.quantize_planes(planes, stack.shape)
+    expected = quantize.quantize_images(stack, mask)
+    got = quantize.quantize_planes(planes, stack.shape)
     np.testing.assert_array_equal(got, expected)
     assert not got[1].any() and got[mask].max() == 255 and got[mask].min() == 0
     # Not the identity of a trivial table: many distinct levels come out.

@@ -34,7 +34,7 @@ import numpy as np
 
 from whmae import layout
 from whmae.data import label_maps
-from whmae.data.records import quantize_planes
+from whmae.data.quantize import quantize_planes
 
 LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")  # planes 0, 1, 2
 VIEWS = (*LONG_AXIS_VIEWS, "sa")
