@@ -113,6 +113,15 @@ def test_crop_offsets_pad_and_clamp():
     assert crop_offsets(mask, 30, 50, 20) == (0, 30)  # clamped inside the image
     assert crop_offsets(None, 30, 50, 20) == (5, 15)
     assert crop_offsets(mask, 30, 50, 40) == (-5, 10)  # rows padded, image centred
+    # Labels [Z, T, H, W]: the bounding box of the union over slices and frames.
+    labels = np.zeros((3, 4, 30, 50), np.uint8)
+    labels[0, 1, 2:4, 40:44] = 2
+    labels[2, 3, 5, 45:48] = 5
+    assert crop_offsets(labels, 30, 50, 20) == (0, 30)
+    assert crop_offsets(labels, 30, 50, 40) == (-5, 10)
+    assert crop_offsets(labels[:, :, :, :20] * 0, 30, 20, 10) == (10, 5)  # none: centred
+    labels[1, 0, 20, 10] = 1  # one voxel further down-left widens the box
+    assert crop_offsets(labels, 30, 50, 20) == (1, 19)
     image = np.arange(30 * 50).reshape(30, 50)
     padded = crop(image, -5, 10, 40, fill=-1)
     np.testing.assert_array_equal(padded[5:35], image[:, 10:50])
@@ -306,6 +315,28 @@ def test_broken_long_axis_and_segmentation_become_absent(tmp_path):
     assert geometry["absent"][0].startswith("la_4ch.nii.gz: expected 4-D (X, Y, 1, T)")
     assert "slice rule reference fell back to centre" in geometry["warnings"]
     assert geometry["views"]["sa"]["slices"] == [2, 3, 4, 5, 6, 7]  # centre of 10
+
+
+def test_a_blank_crop_rejects_the_exam_or_drops_the_long_axis_plane(tmp_path):
+    """Blank = one value throughout the crop, whatever lies outside it: a constant long-axis
+    file drops its plane; a short-axis stack with signal only in a far corner is rejected."""
+    make_exam_folder(tmp_path, "6", 10, size=48, frames=20)
+
+    def rewrite(name, edit):
+        image = nib.load(str(tmp_path / "6" / name))
+        data = np.full(image.shape, 5, image.get_data_dtype())
+        edit(data)
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), str(tmp_path / "6" / name))
+
+    rewrite("la_2ch.nii.gz", lambda data: None)
+    exam, geometry = preprocess_exam(tmp_path / "6", frames=20, size=20)
+    np.testing.assert_array_equal(exam["plane_mask"], [0, 1, 1, 1, 1, 1, 1, 1, 1])
+    assert geometry["absent"] == ["la_2ch.nii.gz: blank image (constant 5 in the 20x20 crop)"]
+
+    rewrite("sa.nii.gz", lambda data: data.__setitem__((slice(0, 3), slice(0, 3)), 900))
+    with pytest.raises(ExamError, match=r"^sa.nii.gz: blank image \(constant 5 in the 20x20"):
+        preprocess_exam(tmp_path / "6", frames=20, size=20)
+    assert preprocess_exam(tmp_path / "6", frames=20, size=48)[0]["images"][SA].any()
 
 
 def test_unexpected_segmentation_values_leave_the_plane_unlabelled(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_exam
 
-from whmae.data import quantize, records
+from whmae.data import lookup, quantize, records
 from whmae.data.records import RecordError
 from whmae.data.splits import SPLITS, split_of
 from whmae.layout import PHENOTYPE_COLUMNS
@@ -190,10 +190,14 @@ def test_quantisation_cost_on_a_phantom_exam():
     assert rms == pytest.approx(1 / (255 * np.sqrt(12)), rel=0.1)
 
 
+@pytest.mark.parametrize("chunk", [None, 3 * 36])  # one call / blocks of 3 frames + 1 frame
 @pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.int8])
-def test_quantize_planes_of_integers_equals_the_float_formula(dtype):
+def test_quantize_planes_of_integers_equals_the_float_formula(dtype, chunk, monkeypatch):
     """The lookup-table path (NIfTI integers) gives the float32 formula's numbers exactly,
-    also with a float (time-resampled) plane beside integer ones and an absent plane."""
+    also with a float (time-resampled) plane beside integer ones and an absent plane, and
+    when the table is applied a few frames at a time."""
+    if chunk is not None:
+        monkeypatch.setattr(lookup, "CHUNK", chunk)
     info = np.iinfo(dtype)
     rng = np.random.default_rng(1)
     planes = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from whmae.data.lookup import apply_table
 from whmae.layout import (
     BACKGROUND,
     LA,
@@ -81,7 +82,7 @@ def remap_labels(seg: np.ndarray, view: str, convention: str = "ukbb") -> np.nda
                 table[source] = target
         if np.array_equal(table, np.arange(high + 1)):  # e.g. UK Biobank sa: a copy, no gather
             return seg.astype(np.uint8)
-        out = table[seg]
+        out = apply_table(table, seg)
         if (table != _INVALID).all() or not (out == _INVALID).any():
             return out
     values = np.unique(seg)

@@ -19,7 +19,7 @@ segmentation back into the original NIfTI grid.
 Policy: an exam without a usable short-axis image is rejected (ExamError): slice
 selection and the exam's spacing need it. A missing or unusable long-axis image makes
 that plane absent (plane_mask False); a missing or unusable segmentation makes that
-plane unlabelled (label_mask False). Every such decision is listed in
+plane unlabelled (label_mask False). An image is blank when its crop holds one value. Every such decision is listed in
 geometry["absent"] / geometry["warnings"].
 """
 
@@ -146,7 +146,7 @@ def frame_duration_seconds(info: dict) -> float:
 def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
     """An image view [Z, T, H, W] in its stored dtype (a view, no copy) plus its header dict.
 
-    Checks dimensionality, slice count, NaN/inf and blank (constant) images.
+    Checks dimensionality, slice count and NaN/inf (blank images: `crop_image`).
     """
     name = nifti_name(stem)
     data, info = read_nifti(folder / name)
@@ -161,10 +161,6 @@ def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
         raise ExamError(f"{name}: empty array of shape {data.shape}")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise ExamError(f"{name}: {'NaN' if np.isnan(data).any() else 'infinite'} values")
-    low, high = data.min(), data.max()
-    if low == high:
-        raise ExamError(f"{name}: blank image (constant {float(low):g})")
-    info["min"] = float(low)
     return data.transpose(2, 3, 1, 0), info
 
 
@@ -227,17 +223,21 @@ def select_short_axis_slices(
     return list(range(start, start + WINDOW)), used
 
 
-def crop_offsets(mask: np.ndarray | None, height: int, width: int, size: int) -> tuple[int, int]:
+def crop_offsets(labels: np.ndarray | None, height: int, width: int, size: int) -> tuple[int, int]:
     """(row, col) of the top-left corner of a size x size crop (may be < 0: padding).
 
-    Centred on the bounding box of mask [..., H, W] when it holds any voxel, else on the
-    image; kept inside the image along an axis at least `size` long.
+    Centred on the bounding box of the non-zero voxels of labels [..., H, W] (bool or
+    layout classes) when there are any, else on the image; kept inside the image along an
+    axis at least `size` long. The leading axes are collapsed by one max over them.
     """
+    footprint = None
+    if labels is not None:
+        footprint = labels.max(axis=tuple(range(labels.ndim - 2))) if labels.ndim > 2 else labels
+        footprint = footprint if footprint.any() else None
     offsets = []
-    for axis, extent in ((-2, height), (-1, width)):
-        if mask is not None and mask.any():
-            other = tuple(a for a in range(mask.ndim) if a != mask.ndim + axis)
-            hits = np.flatnonzero(mask.any(axis=other))
+    for axis, extent in ((1, height), (0, width)):
+        if footprint is not None:
+            hits = np.flatnonzero(footprint.any(axis=axis))
             offset = (hits[0] + hits[-1] + 1) // 2 - size // 2
         else:
             offset = (extent - size) // 2
@@ -256,6 +256,23 @@ def crop(volume: np.ndarray, row: int, col: int, size: int, fill=0) -> np.ndarra
     if r1 > r0 and c1 > c0:
         out[..., r0 - row : r1 - row, c0 - col : c1 - col] = volume[..., r0:r1, c0:c1]
     return out
+
+
+def crop_image(view: np.ndarray, row: int, col: int, size: int, name: str, first=0, count=1):
+    """Slices first..first+count-1 of an image view [Z, T, H, W] cropped like `crop` ->
+    [count, T, size, size], padded with the view's minimum (its background).
+
+    ExamError naming the file if the crop is blank (one value throughout: a blank image, or
+    nothing but background where the heart should be). Only the crop is scanned, and the
+    whole view only when the crop reaches outside it.
+    """
+    height, width = view.shape[-2:]
+    inside = 0 <= row <= height - size and 0 <= col <= width - size
+    window = crop(view[first : first + count], row, col, size, 0 if inside else view.min())
+    low, high = window.min(), window.max()
+    if low == high:
+        raise ExamError(f"{name}: blank image (constant {float(low):g} in the {size}x{size} crop)")
+    return window
 
 
 def resample_time(volume: np.ndarray, frames: int, labels: bool = False) -> np.ndarray:
@@ -350,9 +367,9 @@ def preprocess_exam(
     if rule_used != slice_rule:
         geometry["warnings"].append(f"slice rule {slice_rule} fell back to {rule_used}")
     height, width = short_axis.shape[2:]
-    row, col = crop_offsets(None if window_seg is None else window_seg > 0, height, width, size)
+    row, col = crop_offsets(window_seg, height, width, size)
     planes = list(layout.SHORT_AXIS_PLANES)
-    window = crop(short_axis[slices[0] : slices[-1] + 1], row, col, size, sa_info["min"])
+    window = crop_image(short_axis, row, col, size, nifti_name("sa"), slices[0], WINDOW)
     windows.update(zip(planes, resample_time(window, frames), strict=True))
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
@@ -372,15 +389,16 @@ def preprocess_exam(
             continue
         try:
             view, info = load_view(folder, stem)
+            seg = None
+            if stem in SEGMENTATION_FILE:
+                seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
+            use_label = la_crop == "label" and seg is not None
+            row, col = crop_offsets(seg if use_label else None, *view.shape[2:], size)
+            window = crop_image(view, row, col, size, nifti_name(stem))[0]
         except ExamError as e:
             geometry["absent"].append(str(e))
             continue
-        seg = None
-        if stem in SEGMENTATION_FILE:
-            seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
-        use_label = la_crop == "label" and seg is not None
-        row, col = crop_offsets(seg > 0 if use_label else None, *view.shape[2:], size)
-        windows[plane] = resample_time(crop(view[0], row, col, size, info["min"]), frames)
+        windows[plane] = resample_time(window, frames)
         if seg is not None:
             labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
             label_mask[plane] = True

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from whmae.data.lookup import apply_table
+
 
 def _scale_to_uint8(values: np.ndarray, lo, hi) -> np.ndarray:
     """float32 values -> uint8 round(clip((x - lo) / (hi - lo), 0, 1) * 255): the one formula.
@@ -59,7 +61,7 @@ def quantize_planes(planes: dict[int, np.ndarray], shape) -> np.ndarray:
                 unsigned = np.dtype(f"u{dtype.itemsize}")
                 values = np.arange(1 << (8 * dtype.itemsize), dtype=unsigned).view(dtype)
                 tables[dtype] = _scale_to_uint8(values, lo, hi)
-            np.take(tables[dtype], plane.view(f"u{dtype.itemsize}"), out=out[index], mode="clip")
+            apply_table(tables[dtype], plane.view(f"u{dtype.itemsize}"), out[index])
         else:
             out[index] = _scale_to_uint8(plane, lo, hi)
     return out
