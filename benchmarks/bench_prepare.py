@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
 
-from whmae.data import nifti_exam, records  # noqa: E402
+from whmae.data import nifti_io, records  # noqa: E402
 from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
 from whmae.data.prepare import prepare_dataset  # noqa: E402
 
@@ -125,7 +125,7 @@ def stage_seconds(root: Path, exams: int, repeats: int = 3) -> dict:
         preprocess[f"malloc_{mode}"] = round(float(out.stdout), 4)
     sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.nii.gz"))}
     return {
-        "inflate_backend": nifti_exam.inflate_backend(),
+        "inflate_backend": nifti_io.inflate_backend(),
         "gzip_inflate_cpu_s": inflate,
         "preprocess_exam_cpu_s": preprocess,
         "compressed_bytes": sizes,

@@ -10,7 +10,7 @@ import pytest
 from ukbb_fixtures import break_exam, make_exam_folder
 
 from whmae import layout
-from whmae.data import label_maps, nifti_exam
+from whmae.data import label_maps, nifti_io
 from whmae.data.nifti_exam import (
     ExamError,
     crop,
@@ -261,9 +261,9 @@ def test_inflate_backends_give_the_same_exam_and_name_truncated_files(
     shutil.copytree(folder, damaged)
     reason = break_exam(damaged, "truncated_sa")
     for libdeflate, module, errors in _inflate_backends():
-        monkeypatch.setattr(nifti_exam, "_libdeflate", libdeflate)
-        monkeypatch.setattr(nifti_exam, "_inflater", module)
-        monkeypatch.setattr(nifti_exam, "_INFLATE_ERRORS", errors)
+        monkeypatch.setattr(nifti_io, "_libdeflate", libdeflate)
+        monkeypatch.setattr(nifti_io, "_inflater", module)
+        monkeypatch.setattr(nifti_io, "_INFLATE_ERRORS", errors)
         name = f"{libdeflate and libdeflate.__name__} then {module.__name__}"
         exam, _ = preprocess_exam(folder, frames=20, size=40)
         for field in ("images", "labels", "pixel_spacing"):
@@ -276,7 +276,7 @@ def test_inflate_gzip_takes_several_members_like_zlib():
     """libdeflate refuses a second gzip member; the fallback then reads the first one."""
     first, second = b"NIfTI bytes " * 100, b"trailing member"
     data = gzip.compress(first) + gzip.compress(second)
-    assert nifti_exam.inflate_gzip(data) == zlib.decompress(data, wbits=31) == first
+    assert nifti_io.inflate_gzip(data) == zlib.decompress(data, wbits=31) == first
 
 
 def test_frame_duration_units():

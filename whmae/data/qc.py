@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from whmae.data.label_maps import CONVENTIONS
-from whmae.data.nifti_exam import ExamError, frame_duration_seconds, load_segmentation
+from whmae.data.nifti_exam import load_segmentation
+from whmae.data.nifti_io import ExamError, frame_duration_seconds
 from whmae.data.subjects import list_subjects, read_phenotype_csv
 from whmae.layout import PHENOTYPE_COLUMNS
 from whmae.phenotypes import phenotypes_from_segmentations
