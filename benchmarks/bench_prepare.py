@@ -1,7 +1,7 @@
 """Throughput of `whmae-prepare` on UK Biobank-sized NIfTI exams, and where the time goes.
 
-    python benchmarks/bench_prepare.py --exams 40 --workers 1 2 --out bench_prepare.json
-    python benchmarks/bench_prepare.py --exams 120 --workers 1 2 --write-to /dev/shm
+    python benchmarks/bench_prepare.py --exams 256 --workers 1 2 --out bench_prepare.json
+    python benchmarks/bench_prepare.py --exams 256 --workers 1 2 --write-to /dev/shm
     python benchmarks/bench_prepare.py --exams 8 --workers --profile   # where the CPU goes
 
 Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
@@ -11,8 +11,11 @@ rendered (slow at this size) and copied to `--exams` folders with distinct eids.
 file is read once before timing (page cache; a network file system adds its own cost).
 
 Reports, per worker count and output folder, exams/s of the whole `prepare_dataset` run
-(read, preprocess, write shards, finalize; with several workers whole shards are written
-in the workers) and its CPU seconds per exam (parent + workers; the kernel's part apart):
+(start the workers, read, preprocess, write shards, finalize; with several workers whole
+shards of 16 exams are written in the workers: take --exams a multiple of 16 x workers,
+or the last shards run on fewer workers; starting the workers costs ~1 s (0.75-1.2 s:
+2 workers, 32 vs 256 exams), 8 % of a 120-exam run, so use a few hundred exams for the
+rate of a long run) and its CPU seconds per exam (parent + workers; the kernel's part apart):
 on a shared, busy machine wall time mostly measures the neighbours, CPU time the work.
 Writing new files to a disk costs kernel time that depends on the file system and on how
 much dirty page cache is waiting (measured here: 0.002-0.05 CPU-s per 7 MB file on this
@@ -49,20 +52,23 @@ from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
 from whmae.data.prepare import prepare_dataset  # noqa: E402
 
 
-def build_cohort(root: Path, exams: int, unique: int) -> Path:
-    """`exams` folders of `unique` rendered subjects; returns the phenotype CSV."""
+def build_cohort(store: Path, cohort: Path, exams: int, unique: int) -> Path:
+    """`exams` exam folders in `cohort`: links to copies (in `store`, kept between runs) of
+    `unique` rendered subjects. Returns their phenotype CSV (beside `cohort`)."""
     rows = {}
     for index in range(unique):
         eid = f"{5_000_000 + index}"
-        if not (root / eid / "seg_la_4ch.nii.gz").is_file():
-            make_exam_folder(root, eid, index, size=200, frames=50, num_slices=10, fov_mm=370)
-    sources = [root / f"{5_000_000 + i}" for i in range(unique)]
+        if not (store / eid / "seg_la_4ch.nii.gz").is_file():
+            make_exam_folder(store, eid, index, size=200, frames=50, num_slices=10, fov_mm=370)
+    sources = [store / f"{5_000_000 + i}" for i in range(unique)]
+    cohort.mkdir(parents=True)
     for k in range(exams):
         eid, source = f"{5_000_000 + k}", sources[k % unique]
-        if not (root / eid).is_dir():
-            shutil.copytree(source, root / eid)
+        if not (store / eid).is_dir():
+            shutil.copytree(source, store / eid)
+        (cohort / eid).symlink_to(store / eid)  # exactly these exams, whatever else is stored
         rows[eid] = [float(k)] * 18
-    csv_path = root.parent / "phenotypes.csv"
+    csv_path = cohort.parent / "phenotypes.csv"
     write_phenotype_csv(csv_path, rows)
     return csv_path
 
@@ -177,13 +183,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
-    root = Path(args.data) if args.data else scratch / "exams"
-    root.mkdir(parents=True, exist_ok=True)
+    store = Path(args.data) if args.data else scratch / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    root = scratch / "exams"
     start = time.perf_counter()
-    csv_path = build_cohort(root, args.exams, args.unique)
-    print(f"cohort of {args.exams} exams in {root} ({time.perf_counter() - start:.0f} s)")
-    for path in root.rglob("*.nii.gz"):  # warm the page cache
-        path.read_bytes()
+    csv_path = build_cohort(store, root, args.exams, args.unique)
+    print(f"cohort of {args.exams} exams in {store} ({time.perf_counter() - start:.0f} s)")
+    for folder in root.iterdir():  # warm the page cache
+        for path in folder.glob("*.nii.gz"):
+            path.read_bytes()
     results = {
         "exams": args.exams,
         "cpu_count": os.cpu_count(),
@@ -219,6 +227,7 @@ def main() -> None:
             "kernel_cpu_seconds_per_exam": round(kernel / args.exams, 4),
             "parent_cpu_seconds_per_exam": round(parent / args.exams, 4),
             "written": summary["written"],
+            "shards": summary["shards_written"],
         }
         # On idle cores a worker spends about cpu / exams seconds per exam.
         run["plan_100k_hours_per_16_cores"] = round(cpu / args.exams * 100_000 / 16 / 3600, 2)
