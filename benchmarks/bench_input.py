@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data import phantom, quantize, records
+from whmae.data import phantom, quantize, shards
 from whmae.data.generate import generate_dataset
 from whmae.data.pipeline import make_pipeline, num_examples
 
@@ -164,7 +164,7 @@ def main() -> None:
     # The naive loader reads the train split's subjects, like the pipeline.
     train = {
         e
-        for m in records.read_shard_markers(data_dir).values()
+        for m in shards.read_shard_markers(data_dir).values()
         for e in m["splits"]["train"]["eids"]
     }
     npz_paths = sorted(p for p in npz_dir.glob("*.npz") if p.stem in train)

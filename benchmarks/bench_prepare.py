@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
 
-from whmae.data import nifti_io, records  # noqa: E402
+from whmae.data import nifti_io, records, shards  # noqa: E402
 from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
 from whmae.data.prepare import prepare_dataset  # noqa: E402
 
@@ -144,7 +144,7 @@ def profile(folders: list[Path], scratch: Path, top: int = 16) -> str:
     def run():
         exams = (preprocess_exam(folder)[0] for folder in folders)
         encoded = (records.encode_exam(exam) for exam in exams)
-        records.write_shard(encoded, scratch / "profile", 0, 1)
+        shards.write_shard(encoded, scratch / "profile", 0, 1)
 
     profiler = cProfile.Profile(time.process_time)
     profiler.runcall(run)
@@ -209,7 +209,7 @@ def main() -> None:
         for w in args.workers
     ]
     for target, flush_mb, workers in runs:
-        os.environ[records.FLUSH_ENV] = flush_mb  # read by write_shard (also in workers)
+        os.environ[shards.FLUSH_ENV] = flush_mb  # read by write_shard (also in workers)
         out = Path(tempfile.mkdtemp(prefix="bench_prepare_out_", dir=target))
         cpu_before = _cpu_seconds()
         summary = prepare_dataset(

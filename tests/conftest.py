@@ -36,8 +36,8 @@ def random_exam(index: int, frames: int = 4, size: int = 16) -> dict:
 
 @pytest.fixture(scope="session")
 def random_dataset(tmp_path_factory):
-    """(path, exams by eid) of 41 random exams in 3 shards, written with whmae.data.records."""
-    from whmae.data.records import finalize_dataset, write_shard
+    """(path, exams by eid) of 41 random exams in 3 shards, written with whmae.data.shards."""
+    from whmae.data.shards import finalize_dataset, write_shard
 
     out = tmp_path_factory.mktemp("random_dataset")
     exams = [random_exam(i) for i in range(41)]

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from whmae.data import pipeline, records
+from whmae.data import pipeline, records, shards
 from whmae.data.records import RecordError
 from whmae.data.splits import split_of
 
@@ -128,7 +128,7 @@ def test_corrupt_record_is_reported_by_file(random_dataset, tmp_path):
     shutil.copytree(random_dataset[0], copy)
     victim = records.split_paths(copy, "train")[0]
     count = array_record_module.ArrayRecordReader(victim).num_records()
-    writer = array_record_module.ArrayRecordWriter(victim, records.RECORD_OPTIONS)
+    writer = array_record_module.ArrayRecordWriter(victim, shards.RECORD_OPTIONS)
     for _ in range(count):
         writer.write(b"not an exam record")
     writer.close()

@@ -15,7 +15,7 @@ from ukbb_fixtures import (
 )
 
 from whmae import layout
-from whmae.data import prepare, qc, records
+from whmae.data import prepare, qc, records, shards
 from whmae.data.nifti_exam import preprocess_exam, restore_labels
 from whmae.data.splits import split_of
 from whmae.phenotypes import phenotypes_from_segmentations
@@ -164,7 +164,7 @@ def test_resume_after_an_interrupted_run(cohort, prepared, tmp_path, monkeypatch
     monkeypatch.setattr(prepare, "_prepare_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
-    assert sorted(records.read_shard_markers(tmp_path)) == [0]
+    assert sorted(shards.read_shard_markers(tmp_path)) == [0]
     assert prepare.complete_shards(tmp_path, 4) == {0}
     assert not list(tmp_path.glob("*-00001-of-00004.*"))  # nothing of shard 1 looks complete
     assert not (tmp_path / records.INFO_FILE).exists()
@@ -203,7 +203,7 @@ def test_hosts_split_the_subjects_and_form_one_dataset(cohort, prepared, tmp_pat
         root, csv_path, tmp_path, workers=1, progress=False, host_shard=(0, 2), **OPTIONS
     )
     assert "dataset" not in first and first["shards_written"] == 2  # shards 0 and 2
-    assert sorted(records.read_shard_markers(tmp_path)) == [0, 2]
+    assert sorted(shards.read_shard_markers(tmp_path)) == [0, 2]
     second = prepare.prepare_dataset(
         root, csv_path, tmp_path, workers=1, progress=False, host_shard=(1, 2), **OPTIONS
     )
@@ -267,7 +267,7 @@ def test_split_file_decides_splits_and_unlisted_subjects_are_flagged(cohort, tmp
     assert "not in split file splits.csv: hash split" in unlisted["warnings"]
     assert summary["dataset"]["split_sources"] == {"file": 2, "hash": 1}
     info = records.read_dataset_info(tmp_path / "d")
-    markers = records.read_shard_markers(tmp_path / "d")
+    markers = shards.read_shard_markers(tmp_path / "d")
     stored = {e: s for m in markers.values() for s, v in m["splits"].items() for e in v["eids"]}
     assert stored == {**listed, "3100004": split_of("3100004")}
     assert sum(v["num_examples"] for v in info["splits"].values()) == 3

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_exam
 
-from whmae.data import lookup, quantize, records
+from whmae.data import lookup, quantize, records, shards
 from whmae.data.records import RecordError
 from whmae.data.splits import SPLITS, split_of
 from whmae.layout import PHENOTYPE_COLUMNS
@@ -105,7 +105,7 @@ def test_bad_exam_rejected_when_writing(tmp_path, change, message):
     exams = [random_exam(i) for i in range(3)]
     change(exams[1])
     with pytest.raises(RecordError, match=message) as err:
-        records.write_shard(exams, tmp_path, 0, 1)
+        shards.write_shard(exams, tmp_path, 0, 1)
     assert "exam #1" in str(err.value)
     # An interrupted shard leaves nothing that looks complete, not even temporaries.
     assert list(tmp_path.iterdir()) == []
@@ -117,28 +117,28 @@ def test_interrupted_shard_is_invisible_and_rewritable(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        records.write_shard(exams_then_crash(), tmp_path, 0, 1)
-    assert records.read_shard_markers(tmp_path) == {}
+        shards.write_shard(exams_then_crash(), tmp_path, 0, 1)
+    assert shards.read_shard_markers(tmp_path) == {}
     assert list(tmp_path.iterdir()) == []
-    counts = records.write_shard([random_exam(0), random_exam(1)], tmp_path, 0, 1)
+    counts = shards.write_shard([random_exam(0), random_exam(1)], tmp_path, 0, 1)
     assert sum(counts.values()) == 2
-    assert set(records.read_shard_markers(tmp_path)) == {0}
+    assert set(shards.read_shard_markers(tmp_path)) == {0}
 
 
 def test_finalize_refuses_missing_shard_and_mixed_shapes(tmp_path):
-    records.write_shard([random_exam(0)], tmp_path, 0, 2)
+    shards.write_shard([random_exam(0)], tmp_path, 0, 2)
     with pytest.raises(RecordError, match=r"shards \[1\] of 2"):
-        records.finalize_dataset(tmp_path, {})
-    records.write_shard([random_exam(1, size=8)], tmp_path, 1, 2)
+        shards.finalize_dataset(tmp_path, {})
+    shards.write_shard([random_exam(1, size=8)], tmp_path, 1, 2)
     with pytest.raises(RecordError, match="different image shapes"):
-        records.finalize_dataset(tmp_path, {})
+        shards.finalize_dataset(tmp_path, {})
 
 
 def test_duplicate_eid_across_shards_refused(tmp_path):
-    records.write_shard([random_exam(0)], tmp_path, 0, 2)
-    records.write_shard([random_exam(0)], tmp_path, 1, 2)
+    shards.write_shard([random_exam(0)], tmp_path, 0, 2)
+    shards.write_shard([random_exam(0)], tmp_path, 1, 2)
     with pytest.raises(RecordError, match="1000000"):
-        records.finalize_dataset(tmp_path, {})
+        shards.finalize_dataset(tmp_path, {})
 
 
 def test_reading_bad_dataset_directories(tmp_path, random_dataset):
@@ -222,14 +222,14 @@ def test_quantize_planes_of_integers_equals_the_float_formula(dtype, chunk, monk
 def test_shard_files_are_flushed_as_they_grow_and_before_the_marker(
     tmp_path, monkeypatch, flush_mb, more_than_at_close
 ):
-    synced, real_fdatasync = [], records.os.fdatasync
+    synced, real_fdatasync = [], shards.os.fdatasync
 
     def fdatasync(fd):
-        synced.append(records.os.fstat(fd).st_size)
+        synced.append(shards.os.fstat(fd).st_size)
         real_fdatasync(fd)
 
-    monkeypatch.setenv(records.FLUSH_ENV, flush_mb)
-    monkeypatch.setattr(records.os, "fdatasync", fdatasync)
+    monkeypatch.setenv(shards.FLUSH_ENV, flush_mb)
+    monkeypatch.setattr(shards.os, "fdatasync", fdatasync)
     # ~3 MB each, 40 MB in all: the writer hands its file 16 MiB blocks.
     exams = [random_exam(k, frames=16, size=128) for k in range(12)]
 
@@ -237,9 +237,9 @@ def test_shard_files_are_flushed_as_they_grow_and_before_the_marker(
         for exam in exams:
             yield exam
             # Nothing is marked complete while the shard is being written.
-            assert records.read_shard_markers(tmp_path) == {}
+            assert shards.read_shard_markers(tmp_path) == {}
 
-    counts = records.write_shard(written(), tmp_path, 0, 1, split_of=lambda eid: "train")
+    counts = shards.write_shard(written(), tmp_path, 0, 1, split_of=lambda eid: "train")
     files = [s for s in SPLITS if counts[s]]
     # Every split file is synced at its full size before the marker appears...
     final_sizes = {(tmp_path / records.shard_file(s, 0, 1)).stat().st_size for s in files}
@@ -257,6 +257,6 @@ def test_shard_files_are_flushed_as_they_grow_and_before_the_marker(
 
 
 def test_bad_flush_setting_is_named(tmp_path, monkeypatch):
-    monkeypatch.setenv(records.FLUSH_ENV, "lots")
+    monkeypatch.setenv(shards.FLUSH_ENV, "lots")
     with pytest.raises(ValueError, match="WHMAE_WRITE_FLUSH_MB='lots'"):
-        records.write_shard([random_exam(0)], tmp_path, 0, 1)
+        shards.write_shard([random_exam(0)], tmp_path, 0, 1)

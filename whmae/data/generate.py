@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data import records
+from whmae.data import records, shards
 from whmae.data.splits import SPLITS
 from whmae.layout import (
     LV_BLOOD_POOL,
@@ -56,7 +56,7 @@ def _write_phantom_shard(out_dir, arguments: dict, shard: int, progress=None) ->
     indices = shard_indices(arguments["num_exams"], shard, arguments["num_shards"])
     on_exam = None if progress is None else (lambda exam: progress.put(1))
     exams = (make_exam(config, index) for index in indices)
-    return records.write_shard(exams, out_dir, shard, arguments["num_shards"], on_exam=on_exam)
+    return shards.write_shard(exams, out_dir, shard, arguments["num_shards"], on_exam=on_exam)
 
 
 def _worker(job) -> dict:
@@ -162,7 +162,7 @@ def generate_dataset(
     status = _prepare_directory(out_dir, arguments, overwrite)
     if status == "complete" and (out_dir / SUMMARY_FILE).is_file():
         return {**json.loads((out_dir / SUMMARY_FILE).read_text()), "status": status}
-    done = set(records.read_shard_markers(out_dir))
+    done = set(shards.read_shard_markers(out_dir))
     todo = [s for s in range(num_shards) if s not in done]
     todo_exams = sum(len(shard_indices(num_exams, s, num_shards)) for s in todo)
     start = time.perf_counter()
@@ -170,7 +170,7 @@ def generate_dataset(
         _run_shards(out_dir, arguments, todo, workers, bar)
     seconds = time.perf_counter() - start
     if status != "complete" or not (out_dir / records.INFO_FILE).is_file():
-        records.finalize_dataset(out_dir, {**arguments, "workers": workers})
+        shards.finalize_dataset(out_dir, {**arguments, "workers": workers})
     summary = summarize(out_dir)
     summary.update(
         status=status,
@@ -190,7 +190,7 @@ def summarize(out_dir) -> dict:
     info = records.read_dataset_info(out_dir)
     rows = [
         row
-        for marker in records.read_shard_markers(out_dir).values()
+        for marker in shards.read_shard_markers(out_dir).values()
         for split in marker["splits"].values()
         for row in split["phenotypes"]
     ]
@@ -247,7 +247,7 @@ def save_summary_figure(out_dir, path) -> None:
             ax.set_axis_off()
     rows = [
         row
-        for marker in records.read_shard_markers(out_dir).values()
+        for marker in shards.read_shard_markers(out_dir).values()
         for entry in marker["splits"].values()
         for row in entry["phenotypes"]
     ]

@@ -7,7 +7,7 @@ Subjects are the union of the `<root>/<eid>/` folders and the CSV's eids, sorted
 sorted list is cut into shards of `--exams-per-shard` (the unit of work and of resume).
 With `--shard i/n`, host i writes shards i, i + n, i + 2n, ... of that one global
 layout, so hosts that see the same root and CSV split the work without talking and
-their files form one dataset. A shard is complete when its marker (records.py) and its
+their files form one dataset. A shard is complete when its marker (shards.py) and its
 manifest sidecar exist; a rerun skips complete shards. When every shard is complete
 (whoever finishes last, or `--finalize-only`), dataset_info.json, manifest.jsonl and
 prepare_summary.json are written.
@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from whmae.data import records
+from whmae.data import records, shards
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
 from whmae.data.split_file import SplitAssignment, read_split_file
@@ -118,7 +118,7 @@ def _atomic_write_lines(path: Path, rows: list[dict]) -> None:
 
 def complete_shards(out_dir: Path, num_shards: int) -> set[int]:
     """Shards with a marker, their files and a manifest sidecar."""
-    markers = records.read_shard_markers(out_dir) if out_dir.is_dir() else {}
+    markers = shards.read_shard_markers(out_dir) if out_dir.is_dir() else {}
     return {s for s in markers if (out_dir / manifest_file(s, num_shards)).is_file()}
 
 
@@ -328,7 +328,7 @@ def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, results, o
                 yield record
 
     (out_dir / manifest_file(shard, num_shards)).unlink(missing_ok=True)
-    records.write_shard(exams(), out_dir, shard, num_shards, split_of=splits.__getitem__)
+    shards.write_shard(exams(), out_dir, shard, num_shards, split_of=splits.__getitem__)
     _atomic_write_lines(out_dir / geometry_file(shard, num_shards), geometry)
     _atomic_write_lines(out_dir / manifest_file(shard, num_shards), entries)
     return entries
@@ -338,7 +338,7 @@ def finalize_prepared(out_dir, provenance: dict) -> dict:
     """Merge all shards: dataset_info.json, manifest.jsonl (every subject) and
     prepare_summary.json (found = written + rejected, rejections with reasons)."""
     out_dir = Path(out_dir)
-    info = records.finalize_dataset(out_dir, provenance)
+    info = shards.finalize_dataset(out_dir, provenance)
     entries = []
     for shard in range(info["num_shards"]):
         lines = (out_dir / manifest_file(shard, info["num_shards"])).read_text().splitlines()
