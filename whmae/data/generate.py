@@ -24,6 +24,7 @@ import numpy as np
 
 from whmae.data import records, shards
 from whmae.data.splits import SPLITS
+from whmae.files import write_text_atomic
 from whmae.layout import (
     LV_BLOOD_POOL,
     NUM_CLASSES,
@@ -66,7 +67,7 @@ def _worker(job) -> dict:
 def _prepare_directory(out_dir: Path, arguments: dict, overwrite: bool) -> str:
     """'complete', 'resume' or 'new'; refuses a directory holding anything else."""
     args_path = out_dir / ARGS_FILE
-    ours = ("*.array_record", "shard-*.json", ".*.tmp", records.INFO_FILE, SUMMARY_FILE)
+    ours = ("*.array_record", "shard-*.json", ".*.tmp", ".*.tmp.*", records.INFO_FILE, SUMMARY_FILE)
     if overwrite and out_dir.is_dir():
         for pattern in (*ours, FIGURE_FILE, ARGS_FILE):
             for path in out_dir.glob(pattern):
@@ -89,9 +90,7 @@ def _prepare_directory(out_dir: Path, arguments: dict, overwrite: bool) -> str:
             f"(no {ARGS_FILE}); refusing to write into it. Use --overwrite to force."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{ARGS_FILE}.tmp"
-    tmp.write_text(json.dumps(arguments, indent=1))
-    tmp.replace(args_path)
+    write_text_atomic(args_path, json.dumps(arguments, indent=1))
     return "new"
 
 
@@ -179,7 +178,7 @@ def generate_dataset(
         seconds=round(seconds, 3),
         exams_per_second=round(todo_exams / seconds, 3) if todo_exams else None,
     )
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     if figure:
         save_summary_figure(out_dir, out_dir / FIGURE_FILE)
     return summary

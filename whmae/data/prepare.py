@@ -12,10 +12,9 @@ manifest sidecar exist; a rerun skips complete shards. When every shard is compl
 (whoever finishes last, or `--finalize-only`), dataset_info.json, manifest.jsonl and
 prepare_summary.json are written.
 
-Beside the ArrayRecord shards (same schema as the phantom's) each shard writes
-  geometry-{shard}-of-{n}.jsonl  one line per written exam: `nifti_exam` geometry, by eid
-  manifest-{shard}-of-{n}.jsonl  one line per subject: written (split, absent planes,
-                                 warnings) or rejected (reason naming the file)
+Beside the ArrayRecord shards (same schema as the phantom's) each shard writes geometry
+and manifest sidecars (`whmae.data.manifest`): every subject is written or rejected with
+its reason.
 A folder without a CSV row is written with all-NaN phenotypes and flagged (pretraining
 needs no phenotypes, and missing values are masked in the loss), or rejected with
 `--require-phenotypes`. A CSV row without a folder is rejected.
@@ -48,8 +47,15 @@ import sys
 import time
 from pathlib import Path
 
-from whmae.data import records, shards
+from whmae.data import records
 from whmae.data.label_maps import CONVENTIONS
+from whmae.data.manifest import (
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    complete_shards,
+    finalize_prepared,
+    write_prepared_shard,
+)
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
 from whmae.data.split_file import SplitAssignment, read_split_file
 from whmae.data.subjects import list_subjects, read_phenotype_csv
@@ -60,18 +66,9 @@ from whmae.data.worker_pool import (
     ordered_results,
     whole_shard_results,
 )
+from whmae.files import write_text_atomic
 
 ARGS_FILE = "prepare_args.json"
-MANIFEST_FILE = "manifest.jsonl"
-SUMMARY_FILE = "prepare_summary.json"
-
-
-def manifest_file(shard: int, num_shards: int) -> str:
-    return f"manifest-{shard:05d}-of-{num_shards:05d}.jsonl"
-
-
-def geometry_file(shard: int, num_shards: int) -> str:
-    return f"geometry-{shard:05d}-of-{num_shards:05d}.jsonl"
 
 
 def parse_host_shard(text: str) -> tuple[int, int]:
@@ -110,18 +107,6 @@ def _prepare_one(job: dict) -> dict:
     return {**entry, "record": record, "geometry": geometry}
 
 
-def _atomic_write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def complete_shards(out_dir: Path, num_shards: int) -> set[int]:
-    """Shards with a marker, their files and a manifest sidecar."""
-    markers = shards.read_shard_markers(out_dir) if out_dir.is_dir() else {}
-    return {s for s in markers if (out_dir / manifest_file(s, num_shards)).is_file()}
-
-
 def _check_arguments(out_dir: Path, arguments: dict) -> None:
     """Record the run's arguments once; refuse a directory holding another dataset."""
     path = out_dir / ARGS_FILE
@@ -139,9 +124,7 @@ def _check_arguments(out_dir: Path, arguments: dict) -> None:
     if out_dir.is_dir() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
         raise ValueError(f"{out_dir} is not empty and has no {ARGS_FILE}; use another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # hosts may race: same content
-    tmp.write_text(json.dumps(arguments, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(arguments, indent=1))  # hosts may race: same content
 
 
 def prepare_dataset(
@@ -234,7 +217,7 @@ def prepare_dataset(
                 results = ordered_results(
                     ((shard, job) for job in jobs), pool, lookahead=ahead, work=_prepare_one
                 )
-                return _write_prepared_shard(out_dir, shard, num_shards, results, bar.update)
+                return write_prepared_shard(out_dir, shard, num_shards, results, bar.update)
 
             if pool is not None and len(tasks) >= workers:
                 # Whole shards in workers: records never travel through this process.
@@ -308,66 +291,7 @@ def _prepare_shard(slot: int, shard: int, jobs: list[dict], out_dir, num_shards)
             yield shard, job if "status" in job else _prepare_one(job)
             count_done(slot)
 
-    return _write_prepared_shard(Path(out_dir), shard, num_shards, results())
-
-
-def _write_prepared_shard(out_dir: Path, shard: int, num_shards: int, results, on_exam=None):
-    """Write one shard's records (results: (shard, `_prepare_one` result)), then its
-    geometry and (last) its manifest sidecar; returns the manifest entries."""
-    entries, geometry, splits = [], [], {}
-
-    def exams():
-        for _, result in results:
-            if on_exam is not None:
-                on_exam(1)
-            record, exam_geometry = result.pop("record", None), result.pop("geometry", None)
-            entries.append(result)
-            if record is not None:
-                geometry.append(exam_geometry)
-                splits[result["eid"]] = result["split"]
-                yield record
-
-    (out_dir / manifest_file(shard, num_shards)).unlink(missing_ok=True)
-    shards.write_shard(exams(), out_dir, shard, num_shards, split_of=splits.__getitem__)
-    _atomic_write_lines(out_dir / geometry_file(shard, num_shards), geometry)
-    _atomic_write_lines(out_dir / manifest_file(shard, num_shards), entries)
-    return entries
-
-
-def finalize_prepared(out_dir, provenance: dict) -> dict:
-    """Merge all shards: dataset_info.json, manifest.jsonl (every subject) and
-    prepare_summary.json (found = written + rejected, rejections with reasons)."""
-    out_dir = Path(out_dir)
-    info = shards.finalize_dataset(out_dir, provenance)
-    entries = []
-    for shard in range(info["num_shards"]):
-        lines = (out_dir / manifest_file(shard, info["num_shards"])).read_text().splitlines()
-        entries += [json.loads(line) for line in lines if line]
-    _atomic_write_lines(out_dir / MANIFEST_FILE, entries)
-    written = [e for e in entries if e["status"] == "written"]
-    rejected = [e for e in entries if e["status"] == "rejected"]
-    summary = {
-        "exams_found": len(entries),
-        "written": len(written),
-        "rejected": len(rejected),
-        "line": f"exams found = {len(entries)} = written {len(written)} + rejected {len(rejected)}",
-        "splits": {s: info["splits"][s]["num_examples"] for s in info["splits"]},
-        "written_with_absent_planes": sum(bool(e["absent"]) for e in written),
-        "written_with_warnings": sum(bool(e["warnings"]) for e in written),
-        "split_sources": dict(collections.Counter(e.get("split_source", "hash") for e in written)),
-        "rejections": {e["eid"]: e["reason"] for e in rejected},
-        "image_shape": info["image_shape"],
-        "bytes_on_disk": info["bytes"],
-    }
-    if len(written) != info["num_examples"]:
-        raise records.RecordError(
-            f"{out_dir}: manifests list {len(written)} written exams, shards hold "
-            f"{info['num_examples']}"
-        )
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / SUMMARY_FILE)
-    return summary
+    return write_prepared_shard(Path(out_dir), shard, num_shards, results())
 
 
 def main(argv: list[str] | None = None) -> int:

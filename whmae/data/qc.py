@@ -33,6 +33,7 @@ from whmae.data.label_maps import CONVENTIONS
 from whmae.data.nifti_exam import load_segmentation
 from whmae.data.nifti_io import ExamError, frame_duration_seconds
 from whmae.data.subjects import list_subjects, read_phenotype_csv
+from whmae.files import write_text_atomic
 from whmae.layout import PHENOTYPE_COLUMNS
 from whmae.phenotypes import phenotypes_from_segmentations
 
@@ -184,9 +185,7 @@ def run_qc(
         "subjects_flagged": flagged,
         "csv_warnings": csv_warnings,
     }
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / SUMMARY_FILE)
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
 
 

@@ -28,17 +28,12 @@ from whmae.data.records import (
 )
 from whmae.data.splits import SPLITS, check_split
 from whmae.data.splits import split_of as _hash_split
+from whmae.files import write_text_atomic
 from whmae.layout import NUM_PHENOTYPES, PHENOTYPE_COLUMNS
 
 # Per-record groups give per-exam random access; zstd:1 decodes at GB/s.
 RECORD_OPTIONS = "group_size:1,zstd:1"
 FLUSH_ENV = "WHMAE_WRITE_FLUSH_MB"  # MiB written between flushes of a shard file; 0: never
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 class _FlushedFile:
@@ -167,16 +162,14 @@ def write_shard(
         for s, e in entries.items()
         if e["eids"]
     }
-    _atomic_write_json(
-        marker,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "shard": shard,
-            "num_shards": num_shards,
-            "image_shape": image_shape,
-            "splits": splits,
-        },
-    )
+    marker_fields = {
+        "schema_version": SCHEMA_VERSION,
+        "shard": shard,
+        "num_shards": num_shards,
+        "image_shape": image_shape,
+        "splits": splits,
+    }
+    write_text_atomic(marker, json.dumps(marker_fields, indent=1))
     return {s: len(entries[s]["eids"]) for s in SPLITS}
 
 
@@ -266,5 +259,5 @@ def finalize_dataset(out_dir: str | os.PathLike, provenance: dict) -> dict:
         "splits": splits,
         "provenance": provenance,
     }
-    _atomic_write_json(out_dir / INFO_FILE, info)
+    write_text_atomic(out_dir / INFO_FILE, json.dumps(info, indent=1))
     return info

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from whmae.files import write_text_atomic
+
 __all__ = ["SCHEMA_VERSION", "format_table", "jsonable", "read_metrics", "write_metrics"]
 
 SCHEMA_VERSION = 1
@@ -44,11 +46,8 @@ def write_metrics(out_dir: str | os.PathLike, metrics: Mapping) -> Path:
     """Write `<out_dir>/metrics.json` atomically (strict JSON: no NaN tokens)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / METRICS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n"
+    return write_text_atomic(out_dir / METRICS_FILE, text)
 
 
 def read_metrics(path: str | os.PathLike) -> dict:
