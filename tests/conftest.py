@@ -58,3 +58,11 @@ def tiny_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_dataset")
     generate_dataset(out, **TINY_DATASET, workers=1, progress=False, figure=False)
     return out
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """Recording fakes of gcloud, sbatch and srun on PATH: (env, calls(name)); launch_fakes.py."""
+    from launch_fakes import make_fakes
+
+    return make_fakes(tmp_path)
