@@ -2,13 +2,15 @@
 
     python benchmarks/bench_prepare.py --exams 256 --workers 1 2 --out bench_prepare.json
     python benchmarks/bench_prepare.py --exams 256 --workers 1 2 --write-to /dev/shm
+    python benchmarks/bench_prepare.py --exams 256 --workers 2 --cold --prefetch 0 1 4
     python benchmarks/bench_prepare.py --exams 8 --workers --profile   # where the CPU goes
 
 Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
 frames (1.85 mm pixels, 10 mm slices), three long-axis views 200 x 200 x 1 x 50, int16
 images and uint8 segmentations, gzip-compressed by nibabel. `--unique` subjects are
 rendered (slow at this size) and copied to `--exams` folders with distinct eids. Every
-file is read once before timing (page cache; a network file system adds its own cost).
+file is read once before timing (page cache; a network file system adds its own cost),
+unless `--cold`.
 
 Reports, per worker count and output folder, exams/s of the whole `prepare_dataset` run
 (start the workers, read, preprocess, write shards, finalize; with several workers whole
@@ -24,7 +26,9 @@ process and side by side, the CPU seconds per exam spent inflating the gzip stre
 each installed inflater, the whole preprocess_exam with glibc's default malloc vs
 `worker_pool.keep_freed_memory`, and the 100k-exam plan: CPU seconds per exam x 100,000 /
 cores. `--profile`: cProfile (CPU time) of reading, preprocessing, encoding and writing
-`--exams` exams in one process.
+`--exams` exams in one process. `--cold` drops the page cache before each run, so the
+input comes from the disk; `--prefetch 0 1` then shows what reading the next exams'
+files in the background (`whmae-prepare --prefetch`) hides of the disk's latency.
 """
 
 from __future__ import annotations
@@ -154,6 +158,16 @@ def profile(folders: list[Path], scratch: Path, top: int = 16) -> str:
     return f"{len(folders)} exams\n" + text.getvalue()
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages, then drop the clean page cache (Linux, root): the next run reads
+    its input from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root on Linux to drop the page cache ({e})") from None
+
+
 def _cpu_seconds() -> tuple[float, float, float]:
     """(this process, its joined children, kernel part of both) CPU seconds."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -181,6 +195,18 @@ def main() -> None:
         help="also run with the dataset written under these folders (e.g. /dev/shm: "
         "without the disk's page-cache writeback, which the kernel bills to the writer)",
     )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="runs with these read-ahead depths (exams; 0: off)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every run with the page cache dropped (root): the input comes from disk",
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     store = Path(args.data) if args.data else scratch / "store"
@@ -189,7 +215,7 @@ def main() -> None:
     start = time.perf_counter()
     csv_path = build_cohort(store, root, args.exams, args.unique)
     print(f"cohort of {args.exams} exams in {store} ({time.perf_counter() - start:.0f} s)")
-    for folder in root.iterdir():  # warm the page cache
+    for folder in root.iterdir():  # warm the page cache (or rely on it in the probes below)
         for path in folder.glob("*.nii.gz"):
             path.read_bytes()
     results = {
@@ -203,17 +229,26 @@ def main() -> None:
     if args.profile:
         print(profile(sorted(root.iterdir())[: args.exams], scratch))
     runs = [
-        (t, f, w)
+        (t, f, d, w)
         for t in [scratch, *map(Path, args.write_to)]
         for f in args.flush_mb
+        for d in args.prefetch
         for w in args.workers
     ]
-    for target, flush_mb, workers in runs:
+    for target, flush_mb, prefetch, workers in runs:
         os.environ[shards.FLUSH_ENV] = flush_mb  # read by write_shard (also in workers)
         out = Path(tempfile.mkdtemp(prefix="bench_prepare_out_", dir=target))
+        if args.cold:
+            drop_page_cache()
         cpu_before = _cpu_seconds()
         summary = prepare_dataset(
-            root, csv_path, out, workers=workers, exams_per_shard=16, progress=False
+            root,
+            csv_path,
+            out,
+            workers=workers,
+            exams_per_shard=16,
+            progress=False,
+            prefetch=prefetch,
         )
         parent, children, kernel = (b - a for a, b in zip(cpu_before, _cpu_seconds(), strict=True))
         cpu = parent + children  # this process and its (joined) workers
@@ -221,6 +256,8 @@ def main() -> None:
             "workers": workers,
             "written_to": str(target),
             "flush_mb": flush_mb,
+            "prefetch": prefetch,
+            "input": "disk" if args.cold else "page cache",
             "seconds": summary["seconds"],
             "exams_per_second": summary["exams_per_second"],
             "cpu_seconds_per_exam": round(cpu / args.exams, 4),

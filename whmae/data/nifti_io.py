@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -113,3 +114,29 @@ def frame_duration_seconds(info: dict) -> float:
     if 5.0 <= value <= 500.0:
         return value * 1e-3
     return value if 0.005 <= value <= 0.5 else math.nan
+
+
+def prefetch_files(folder: str | os.PathLike) -> None:
+    """Ask the kernel to start reading a folder's .nii.gz files in the background
+    (POSIX_FADV_WILLNEED), so that `read_nifti` later waits less for the disk.
+
+    Never raises: a missing folder or an unreadable file is found, and named, when it is
+    read. A no-op where posix_fadvise does not exist.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        paths = list(Path(folder).glob("*.nii.gz"))
+    except OSError:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -57,6 +57,7 @@ from whmae.data.manifest import (
     write_prepared_shard,
 )
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
+from whmae.data.nifti_io import prefetch_files
 from whmae.data.split_file import SplitAssignment, read_split_file
 from whmae.data.subjects import list_subjects, read_phenotype_csv
 from whmae.data.worker_pool import (
@@ -147,6 +148,7 @@ def prepare_dataset(
     finalize: bool = True,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    prefetch: int = 1,
 ) -> dict:
     """Write this host's shards of the dataset (resuming), then finalize if all are done.
 
@@ -154,9 +156,12 @@ def prepare_dataset(
     (`finalize_prepared`) when this call finalized it. stop_after_shards: write at most that
     many shards (tests of interruption / resume). split_file: CSV eid,split (see module
     docstring); strict_split: reject subjects it does not list instead of hash-splitting.
+    prefetch: exams ahead whose files each worker asks the disk for (0: none).
     """
     from tqdm import tqdm
 
+    if prefetch < 0:
+        raise ValueError(f"--prefetch must be >= 0 (exams read ahead), got {prefetch}")
     out_dir = Path(out_dir)
     phenotypes, cell_warnings, csv_warnings = read_phenotype_csv(phenotype_csv, eid_column)
     eids, folders = list_subjects(root, phenotypes)
@@ -214,14 +219,15 @@ def prepare_dataset(
             def in_this_process(shard, jobs):
                 """Exams prepared one by one (in workers when there is a pool), written here."""
                 ahead = 0 if pool is None else 2 * pool.workers  # bounded: exams in memory
-                results = ordered_results(
-                    ((shard, job) for job in jobs), pool, lookahead=ahead, work=_prepare_one
-                )
+                jobs = ((shard, job) for job in _prefetched(jobs, prefetch))
+                results = ordered_results(jobs, pool, lookahead=ahead, work=_prepare_one)
                 return write_prepared_shard(out_dir, shard, num_shards, results, bar.update)
 
             if pool is not None and len(tasks) >= workers:
                 # Whole shards in workers: records never travel through this process.
-                work = functools.partial(_prepare_shard, out_dir=out_dir, num_shards=num_shards)
+                work = functools.partial(
+                    _prepare_shard, out_dir=out_dir, num_shards=num_shards, prefetch=prefetch
+                )
                 done = whole_shard_results(tasks, pool, work, in_this_process, bar.update)
             else:  # too few shards to keep the workers busy: spread their exams instead
                 done = ((shard, in_this_process(shard, jobs)) for _, shard, jobs in tasks)
@@ -283,11 +289,26 @@ def _assign_split(job: dict, assignment: SplitAssignment, split_file, strict: bo
     return {**job, "split": assignment(eid), "split_source": source}
 
 
-def _prepare_shard(slot: int, shard: int, jobs: list[dict], out_dir, num_shards) -> list[dict]:
+def _prefetched(jobs: list[dict], depth: int):
+    """The jobs in order; when job i comes out, the files of jobs i..i + depth (those with
+    a folder to read) have been asked for (`nifti_io.prefetch_files`): the disk reads the
+    next exams while this one is computed. depth 0: nothing asked."""
+    asked = 0
+    for index, job in enumerate(jobs):
+        while depth > 0 and asked <= min(index + depth, len(jobs) - 1):
+            if "folder" in jobs[asked] and "status" not in jobs[asked]:
+                prefetch_files(jobs[asked]["folder"])
+            asked += 1
+        yield job
+
+
+def _prepare_shard(
+    slot: int, shard: int, jobs: list[dict], out_dir, num_shards, prefetch: int
+) -> list[dict]:
     """Worker: prepare and write one whole shard; returns its manifest entries."""
 
     def results():
-        for job in jobs:
+        for job in _prefetched(jobs, prefetch):
             yield shard, job if "status" in job else _prepare_one(job)
             count_done(slot)
 
@@ -307,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--la-crop", default="centre", choices=LA_CROPS)
     parser.add_argument("--exams-per-shard", type=int, default=128)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=1,
+        help="exams ahead whose files each worker has the disk read in the background "
+        "(0: off; more for network file systems)",
+    )
     parser.add_argument("--shard", default="0/1", help="this host's part i/n of the subjects")
     parser.add_argument(
         "--require-phenotypes",
@@ -337,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             label_convention=args.label_convention,
             la_crop=args.la_crop,
             exams_per_shard=args.exams_per_shard,
+            prefetch=args.prefetch,
             workers=args.workers,
             host_shard=parse_host_shard(args.shard),
             require_phenotypes=args.require_phenotypes,
