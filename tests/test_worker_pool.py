@@ -62,3 +62,52 @@ def test_whole_shards_in_workers_survive_a_dying_worker():
     assert 11 in reruns and len(reruns) <= 2  # the crashing shard and at most its neighbour
     # Progress counts the jobs of the shards that finished in workers, nothing of reruns.
     assert sum(progress) == 2 * (len(tasks) - len(reruns))
+
+
+def test_workers_die_when_their_parent_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from whmae.data.worker_pool import WorkerPool\n"
+        "pool = WorkerPool(2)\n"
+        "futures = [pool.submit(time.sleep, 120) for _ in range(2)]\n"
+        "time.sleep(1)\n"
+        "while len(pool.executor._processes) < 2:\n"
+        "    time.sleep(0.1)\n"
+        "print(*pool.executor._processes, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    workers, left = [], []
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(1)  # the workers run their initializer (spawn: a fresh interpreter)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().split(")")[-1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in workers if alive(pid)]
+        assert not left, f"workers {left} outlived their SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in left:  # only the test's own workers, still running
+            os.kill(pid, signal.SIGKILL)

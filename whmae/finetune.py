@@ -15,48 +15,22 @@ preemption and metrics behave exactly as in pretraining. Read the result back wi
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
-from etils import epath
-from ml_collections import config_flags
 
-from whmae.train import distributed
+from whmae import cli
 from whmae.train.loop import Task, quiet_library_logs, train
 
 TASKS = ("phenotype", "segmentation")
-_GENERATE_HINT = "whmae-generate --out {dir} --num-exams 24 --size 32 --frames 10"
-_FLAGS: dict = {}
-
-
-def _define_flags() -> None:
-    """Flags are defined by `main` only: importing this module (tests, notebooks, beside
-    whmae.pretrain's identically named flags) must not register them."""
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config, e.g. configs/phenotype.py:tiny.", lock_config=True
-    )
-    _FLAGS["workdir"] = flags.DEFINE_string(
-        "workdir", None, "Checkpoints, metrics and TensorBoard go here."
-    )
-    _FLAGS["distributed"] = flags.DEFINE_enum(
-        "distributed",
-        "auto",
-        distributed.MODES,
-        "Multi-process start-up: auto (from the environment), on (force), off.",
-    )
-    flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG_HELP = "Experiment config, e.g. configs/phenotype.py:tiny."
+_DEFAULT_CONFIG = "configs/phenotype.py:tiny"
 
 
 def check_data_dir(data_dir: str | None) -> str:
-    """The dataset directory, or a ValueError saying how to make one."""
-    if not data_dir:
-        raise ValueError("no dataset given: pass --config.data.dir=DIR")
-    if not epath.Path(data_dir).is_dir():  # epath: local paths and gs:// alike
-        raise ValueError(
-            f"dataset directory {data_dir!r} does not exist; "
-            f"`{_GENERATE_HINT.format(dir=data_dir)}` makes a synthetic one for the tiny configs"
-        )
-    return data_dir
+    """The dataset directory, or a ValueError (cli.UsageError) saying how to make one."""
+    return cli.check_data_dir(data_dir)
 
 
 def finetune_task(config: Any) -> Task:
@@ -77,6 +51,7 @@ def finetune(config: Any, workdir: str, *, distributed_mode: str | None = None) 
     from whmae.tasks.config import resolve
 
     check_data_dir(config.data.get("dir"))
+    cli.validate_train_config(config)
     config = resolve(config)
     return train(config, workdir, finetune_task(config), distributed_mode=distributed_mode)
 
@@ -85,17 +60,12 @@ def run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    try:
-        summary = finetune(
-            _FLAGS["config"].value,
-            _FLAGS["workdir"].value,
-            distributed_mode=_FLAGS["distributed"].value,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    workdir = flags.FLAGS.workdir
+    with cli.one_line_errors(workdir):
+        summary = finetune(flags.FLAGS.config, workdir, distributed_mode=flags.FLAGS.distributed)
     if summary["preempted"]:
         print(
-            f"preempted: checkpoint saved at step {summary['step']} in {_FLAGS['workdir'].value}; "
+            f"preempted: checkpoint saved at step {summary['step']} in {workdir}; "
             "run the same command to continue",
             file=sys.stderr,
         )
@@ -103,9 +73,15 @@ def run(argv) -> None:
         print(f"done: step {summary['step']}, loss {summary['final_loss']}", file=sys.stderr)
 
 
-def main() -> None:
-    _define_flags()
-    app.run(run)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point; `argv` without the program name (default: the command line).
+
+    Flags are defined here, not on import: importing this module (tests, notebooks) must
+    not register them (whmae.pretrain defines the same ones, through whmae.cli)."""
+    argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    cli.preflight(argv, doc=__doc__, default_config=_DEFAULT_CONFIG, config_help=_CONFIG_HELP)
+    cli.define_training_flags(_CONFIG_HELP)
+    cli.run_absl(run, argv)
 
 
 if __name__ == "__main__":

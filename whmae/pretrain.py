@@ -10,26 +10,15 @@ on SIGTERM the run saves a checkpoint and exits with status 0.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from absl import app, flags
-from etils import epath
-from ml_collections import config_flags
 
-from whmae.train import distributed
+from whmae import cli
 from whmae.train.loop import Task, quiet_library_logs, train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config, e.g. configs/pretrain.py:tiny.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    distributed.MODES,
-    "Multi-process start-up: auto (from the environment), on (force), off.",
-)
-flags.mark_flags_as_required(["config", "workdir"])
-_GENERATE_HINT = "whmae-generate --out {dir} --num-exams 24 --size 32 --frames 10"
+_CONFIG_HELP = "Experiment config, e.g. configs/pretrain.py:tiny."
+_DEFAULT_CONFIG = "configs/pretrain.py:tiny"
 
 
 def pretrain_task(config) -> Task:
@@ -48,32 +37,26 @@ def pretrain_task(config) -> Task:
 
 def check_data_dir(data_dir: str | None) -> str:
     """The dataset directory, or a SystemExit telling the user how to make one."""
-    if not data_dir:
-        raise SystemExit(
-            "error: no dataset given. Pass --config.data.dir=DIR; to make a synthetic "
-            f"phantom dataset first run `{_GENERATE_HINT.format(dir='DIR')}`."
-        )
-    if not epath.Path(data_dir).is_dir():  # epath: local paths and gs:// alike
-        raise SystemExit(
-            f"error: dataset directory {data_dir!r} does not exist. Run "
-            f"`{_GENERATE_HINT.format(dir=data_dir)}` for a synthetic one (sized for the tiny "
-            "config), or point --config.data.dir at yours."
-        )
-    return data_dir
+    try:
+        return cli.check_data_dir(data_dir)
+    except cli.UsageError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    check_data_dir(config.data.get("dir"))
-    quiet_library_logs()
-    summary = train(
-        config, _WORKDIR.value, pretrain_task(config), distributed_mode=_DISTRIBUTED.value
-    )
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    with cli.one_line_errors(workdir):
+        cli.validate_train_config(config)
+        cli.check_data_dir(config.data.get("dir"))
+        quiet_library_logs()
+        summary = train(
+            config, workdir, pretrain_task(config), distributed_mode=flags.FLAGS.distributed
+        )
     if summary["preempted"]:
         print(
-            f"preempted: checkpoint saved at step {summary['step']} in {_WORKDIR.value}; "
+            f"preempted: checkpoint saved at step {summary['step']} in {workdir}; "
             "run the same command to continue",
             file=sys.stderr,
         )
@@ -81,8 +64,12 @@ def run(argv) -> None:
         print(f"done: step {summary['step']}, loss {summary['final_loss']}", file=sys.stderr)
 
 
-def main() -> None:
-    app.run(run)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point; `argv` without the program name (default: the command line)."""
+    argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    cli.preflight(argv, doc=__doc__, default_config=_DEFAULT_CONFIG, config_help=_CONFIG_HELP)
+    cli.define_training_flags(_CONFIG_HELP)
+    cli.run_absl(run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ keeps the host-to-device traffic 4x smaller than float32.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 
 import grain
@@ -35,6 +36,55 @@ def num_examples(data_dir: str | os.PathLike, split: str) -> int:
     """Number of exams in one split (all processes together)."""
     split_paths(data_dir, split)  # validates the split name and the shard files
     return int(dataset_info(data_dir)["splits"][split]["num_examples"])
+
+
+def _shard_error(path: str, error: BaseException, what: str) -> RecordError:
+    """A RecordError naming the shard file, its size and what went wrong reading it."""
+    try:
+        size = f"{os.path.getsize(path)} bytes"
+    except OSError:
+        size = "unreadable size"
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    return RecordError(
+        f"{path} ({size}): {what}: {reason}. The shard is damaged (truncated or overwritten?): "
+        "regenerate the dataset, or rewrite this shard"
+    )
+
+
+class _NamedSource:
+    """grain's ArrayRecordDataSource over `paths`, whose read errors name the file and the
+    record (ArrayRecord's own say only e.g. 'chunk header hash mismatch')."""
+
+    def __init__(self, paths: list[str], counts: list[int]):
+        self.paths = paths
+        self.starts = np.cumsum([0, *counts[:-1]]).tolist()
+        self._source = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _error(self, index: int, error: BaseException) -> RecordError:
+        file = bisect.bisect_right(self.starts, index) - 1
+        return _shard_error(
+            self.paths[file], error, f"cannot read record {index - self.starts[file]}"
+        )
+
+    def __getitem__(self, index):
+        try:
+            return self._source[index]
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise self._error(int(index), e) from e
+
+    def __getitems__(self, indices):
+        try:
+            return self._source.__getitems__(indices)
+        except Exception:  # noqa: BLE001 - find the record that fails, one by one
+            return [self[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"_NamedSource({len(self.paths)} shards)"
 
 
 def _with_index(index: int, record: bytes) -> tuple[int, bytes]:
@@ -148,8 +198,8 @@ def make_pipeline(
     paths = split_paths(data_dir, split, info)
     if not paths:
         raise RecordError(f"{data_dir}: split {split!r} has no exams")
-    source = grain.sources.ArrayRecordDataSource(paths)
     counts = _file_counts(paths)
+    source = _NamedSource(paths, counts)
     if sum(counts) != info["splits"][split]["num_examples"]:
         raise RecordError(
             f"{data_dir}: split {split!r} files hold {sum(counts)} records but "
@@ -172,8 +222,19 @@ def make_pipeline(
         # Grain reads its absl flags in the workers; scripts without absl.app never parse them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count),
+            worker_init_fn=functools.partial(_grain_worker_init, os.getpid()),
+        )
     return iter(it)
+
+
+def _grain_worker_init(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """In each Grain worker: die with the training process (no orphans after a SIGKILL)."""
+    del worker_index, worker_count
+    from whmae.data.worker_pool import die_with_parent
+
+    die_with_parent(parent_pid)
 
 
 def _file_counts(paths: list[str]) -> list[int]:
@@ -181,7 +242,12 @@ def _file_counts(paths: list[str]) -> list[int]:
 
     counts = []
     for path in paths:
-        reader = array_record_module.ArrayRecordReader(path)
-        counts.append(reader.num_records())
-        reader.close()
+        try:
+            if os.path.getsize(path) == 0:
+                raise RecordError("the file is empty")
+            reader = array_record_module.ArrayRecordReader(path)
+            counts.append(reader.num_records())
+            reader.close()
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise _shard_error(path, e, "not a readable ArrayRecord shard") from e
     return counts

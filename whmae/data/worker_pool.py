@@ -13,7 +13,11 @@ import collections
 import concurrent.futures
 import ctypes
 import multiprocessing
+import os
+import signal
 import sys
+import threading
+import time
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _done_counts = None  # in a worker: the pool's shared progress counters (one per shard slot)
@@ -40,8 +44,34 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
     )
 
 
-def _initialize_worker(done_counts) -> None:
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """In a worker process: end it as soon as process `parent_pid` is gone.
+
+    A parent killed with SIGKILL cannot stop its workers; left alive they finish (and
+    write) work nobody waits for, racing a rerun on the same files. On Linux the kernel
+    sends SIGKILL when the parent dies (PR_SET_PDEATHSIG); everywhere a daemon thread also
+    checks every `poll_s` seconds whether the worker was handed to another parent.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _initialize_worker(done_counts, parent_pid: int | None = None) -> None:
     global _done_counts
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     _done_counts = done_counts
     keep_freed_memory()
 
@@ -92,7 +122,7 @@ class WorkerPool:
             self.workers,
             mp_context=self.context,
             initializer=_initialize_worker,
-            initargs=(self.done_counts,),
+            initargs=(self.done_counts, os.getpid()),
         )
 
     def submit(self, work, *args):

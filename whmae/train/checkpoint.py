@@ -8,6 +8,13 @@ One checkpoint step directory `workdir/checkpoints/<step>/` holds three items:
   data_iter the Grain iterator position, one small JSON file per process
   config    the run's config as JSON, to see what produced the checkpoint
 
+Damage: when the requested step cannot be restored, `restore` reads that step back
+as plain arrays, independently of the target's shapes and shardings. If that fails too
+the step is damaged (e.g. a truncated data file): it is moved aside to
+`<workdir>/damaged_checkpoints/step_<N>` (with `DAMAGED.txt` saying why), one warning
+line names it, and the newest older step is tried. If the step reads back fine, the
+target is at fault (e.g. a changed model) and the error is raised.
+
 Saves are asynchronous (device arrays are copied, the writing happens in a
 background thread); `save_every` and `keep` become the manager's
 `save_interval_steps` and `max_to_keep`.
@@ -20,10 +27,12 @@ SIGTERM handler. The loop then saves, waits for the write and exits cleanly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +43,36 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class NoIntactCheckpointError(RuntimeError):
+    """Every checkpoint of a run was damaged (they were moved aside, not deleted)."""
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The steps of the checkpoints in `directory` whose writing finished, oldest first.
+
+    Read from the directory names alone (no Orbax manager): Orbax writes a step under a
+    temporary name and renames it to the bare step number when it is complete.
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+    )
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The innermost cause of `error` as one short line (TensorStore's status line)."""
+    while error.__cause__ is not None or (
+        error.__context__ is not None and not error.__suppress_context__
+    ):
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def abstract_like(state: Any) -> Any:
@@ -98,16 +137,52 @@ class Checkpointer:
         step: int,
         abstract_state: Any,
         data_iter: grain.DatasetIterator | None = None,
+        *,
+        fall_back: bool = True,
     ) -> Any:
         """The state saved at `step`, placed as `abstract_state` says.
 
         `data_iter`, if given, is moved in place to the saved position (when the
         checkpoint was written by as many processes as there are now; else a warning).
+        With `fall_back`, a damaged step (see the module docstring) is moved aside with a
+        warning and the newest older intact step is restored instead: the returned
+        state's `step` (and `latest_step()`) say which. Raises NoIntactCheckpointError
+        when no step is left.
         """
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
+        moved = []
+        while True:
+            try:
+                return self._restore_step(step, abstract_state, data_iter)
+            except Exception as error:
+                if not fall_back:
+                    raise
+                damage = self.verify(step)
+                if damage is None:
+                    raise  # the step reads back: the target does not fit it
+                older = [s for s in self.all_steps() if s < step]
+                destination = self._move_aside(step, damage)
+                moved.append(destination)
+                logging.warning(
+                    "checkpoint step %d in %s is damaged (%s): moved it to %s; %s",
+                    step,
+                    self.directory,
+                    damage,
+                    destination,
+                    f"restoring step {older[-1]} instead" if older else "no older step",
+                )
+                if not older:
+                    raise NoIntactCheckpointError(
+                        f"no intact checkpoint in {self.directory}: the damaged ones were "
+                        f"moved to {', '.join(moved)}. Run again to start from step 0, or "
+                        "repair them and move them back."
+                    ) from error
+                step = older[-1]
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iter) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and self._has_data_position(step):
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -122,6 +197,56 @@ class Checkpointer:
             )
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def verify(self, step: int) -> str | None:
+        """None if checkpoint `step` reads back whole, else what is wrong, in one line.
+
+        Reads every array of the state as a host numpy array (whatever the shapes and
+        shardings the run now wants), this process's data position and the config.
+        """
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+            tree = getattr(metadata, "tree", metadata)
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            with ocp.PyTreeCheckpointer() as reader:
+                reader.restore(
+                    os.path.join(step_dir, "state"),
+                    args=ocp.args.PyTreeRestore(restore_args=restore_args),
+                )
+            for item in ("data_iter", "config"):
+                item_dir = os.path.join(step_dir, item)
+                if not os.path.isdir(item_dir):
+                    continue
+                for name in os.listdir(item_dir):
+                    if name.endswith(".json") or (item == "config" and name == "metadata"):
+                        with open(os.path.join(item_dir, name), encoding="utf-8") as f:
+                            json.load(f)
+        except Exception as error:  # noqa: BLE001 - any failure to read back is damage
+            return _one_line(error)
+        return None
+
+    def _move_aside(self, step: int, reason: str) -> str:
+        """Move step `step` out of the manager's sight (process 0), note why; its new path."""
+        parent = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+        destination = os.path.join(parent, f"step_{step}")
+        if jax.process_index() == 0:
+            os.makedirs(parent, exist_ok=True)
+            suffix = 1
+            while os.path.exists(destination):
+                suffix += 1
+                destination = os.path.join(parent, f"step_{step}_{suffix}")
+            os.rename(os.path.join(self.directory, str(step)), destination)
+            with open(os.path.join(destination, "DAMAGED.txt"), "w", encoding="utf-8") as f:
+                f.write(
+                    f"checkpoint step {step} of {self.directory}, moved here "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} because it could not be read "
+                    f"back:\n{reason}\n"
+                )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"whmae_move_damaged_checkpoint_{step}")
+        self._manager.reload()
+        return destination
 
     def _has_data_position(self, step: int) -> bool:
         # Grain writes one file per process, named by index and count.

@@ -102,6 +102,13 @@ def _first_non_finite(pending: list[tuple[int, dict]]) -> tuple[int, dict] | Non
     return None
 
 
+def _last_good(checkpointer: Checkpointer) -> str:
+    step = checkpointer.latest_step()
+    if step is None:
+        return f"No checkpoint was saved yet in {checkpointer.directory}."
+    return f"Last good checkpoint: step {step} in {checkpointer.directory}."
+
+
 def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None = None) -> dict:
     """Train `task` as `config` says in `workdir`; returns a summary dict.
 
@@ -146,6 +153,8 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
             task.model_fn, tx, mesh, rules, int(config.train.seed)
         )
         state = checkpointer.restore(resume_step, target, data_iter)
+        # A damaged newest step is moved aside and an older one restored.
+        resume_step = int(jax.device_get(state.step))
         log.info("resumed from %s step %d", checkpointer.directory, resume_step)
     else:
         graphdef, state, state_shardings = init_train_state(
@@ -196,9 +205,8 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
             raise FloatingPointError(
                 f"non-finite training metrics at step {bad_step} ({task.name}): "
                 f"loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; stopped "
-                f"without saving it. Last good checkpoint: step {checkpointer.latest_step()} "
-                f"in {checkpointer.directory}. Lower optim.lr, enable optim.clip_norm or check "
-                f"the data."
+                f"without saving it. {_last_good(checkpointer)} Lower optim.lr, enable "
+                f"optim.clip_norm or check the data."
             )
         if fetched and write:
             newest = fetched[-1][1]
@@ -210,7 +218,7 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
         return None
 
     watcher = PreemptionWatcher()
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start_step if resume_step is not None else None)
     progress = tqdm(
         total=total_steps,
         initial=start_step,

@@ -100,6 +100,8 @@ def make_optimizer(
     `min_lr_ratio`, `freeze` (list of parameter-path regexes kept fixed). The schedule
     maps a train-step count to the lr that step applies.
     """
+    if total_steps < 1:
+        raise ValueError(f"train.steps={total_steps} must be >= 1")
     accum = int(optim_config.get("grad_accum_steps", 1) or 1)
     if accum < 1 or total_steps % accum:
         raise ValueError(
