@@ -17,13 +17,24 @@ def test_demo_writes_the_report_and_checks_every_claim(tmp_path):
         assert metrics, task
         assert list((report / task).glob("*.png")), f"{task} wrote no figure"
     claims = json.loads((report / "claims.json").read_text())
-    assert len(claims) == summary["claims"] == 12
-    assert all(isinstance(c["holds"], bool) and c["evidence"] for c in claims)
+    assert len(claims) == summary["claims"] == 20
+    assert all(isinstance(c["holds"], bool) and c["evidence"] and c["control"] for c in claims)
+    assert all(c["status"] in ("held", "not held", "void") for c in claims)
     assert summary["claims_held"] == sum(c["holds"] for c in claims)
+    assert summary["claims_void"] == sum(c["status"] == "void" for c in claims)
+    # Every phenotype model carries its learning checks, with its training log read.
+    phenotypes = json.loads((report / "phenotypes" / "metrics.json").read_text())
+    for name in ("mae_probe", "random_probe", "mae_finetuned", "vit_scratch", "resnet50"):
+        assert phenotypes["models"][name]["learning"]["training"]["rows"] == 3, name
+    representation = json.loads((report / "representation" / "metrics.json").read_text())
+    assert representation["models"]["random_init"]["control"]["init"] == "random"
     text = (report / "report.md").read_text()
     assert "The paper's claims on the phantom" in text and all(c["claim"] in text for c in claims)
+    assert "Phenotype MAE / mean-guess MAE" in text and "Learning checks" in text
     assert set(summary["stage_seconds"]) == {
         "generate", "pretrain", "phenotype", "segmentation", "evaluate"
     }  # fmt: skip
     assert summary["overrides"]["mae_probe"]["model.pool"] == "tokens"
     assert "model.pool" not in summary["overrides"]["resnet50"]
+    assert summary["overrides"]["random_probe"]["init.pretrained"] is False
+    assert summary["overrides"]["random_probe"]["model.pool"] == "tokens"

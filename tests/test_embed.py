@@ -153,3 +153,39 @@ def test_load_model_reads_a_training_loop_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 2 .*\[7\]"):
         load_model(tmp_path, step=2)
+
+
+def test_random_init_control_is_the_checkpoints_config_from_its_train_seed(
+    tmp_path, tiny_checkpoint, tiny_dataset, cli_run
+):
+    spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs/pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.train.seed = 5
+    model_config = MAEConfig(**config.model.to_dict())
+    # "Trained" parameters (seed 7) stored with train.seed 5: the control ignores them.
+    _, params, rest = nnx.split(MaskedAutoencoder(model_config, rngs=nnx.Rngs(7)), nnx.Param, ...)
+    state = TrainState(step=np.int32(2), params=params, rest=rest,
+                       opt_state=optax.adam(1e-3).init(params))  # fmt: skip
+    with Checkpointer(str(tmp_path / "checkpoints"), save_every=1) as checkpointer:
+        checkpointer.save(2, state, config=config.to_dict(), force=True)
+    model, loaded_config, seed = embed_cli.random_init_model(tmp_path)
+    assert seed == embed_cli.init_seed(tmp_path) == 5 and loaded_config == model_config
+    expected = nnx.state(MaskedAutoencoder(model_config, rngs=nnx.Rngs(5)), nnx.Param)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+                    jax.tree.leaves(nnx.to_pure_dict(expected)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert embed_cli.random_init_model(tmp_path, seed=3)[2] == 3
+    # A checkpoint without train.seed (save_model, whmae-convert): seed 0. tiny_checkpoint
+    # holds exactly the seed-0 model, so its random-init control embeds identically.
+    out = tmp_path / "control.npz"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--split", "val",
+            "--out", str(out), "--random-init", "--no-progress"]  # fmt: skip
+    assert embed_cli.main(argv) == 0
+    result = np.load(out)
+    assert bool(result["random_init"]) and int(result["seed"]) == 0
+    rows = cli_run["split"] == "val"
+    np.testing.assert_allclose(result["cls"], cli_run["cls"][rows], rtol=1e-6, atol=1e-6)
+    assert embed_cli.main([*argv, "--seed", "1"]) == 0
+    assert not np.allclose(np.load(out)["cls"], cli_run["cls"][rows], atol=1e-4)

@@ -88,6 +88,11 @@ def test_phenotypes_cli_on_saved_predictions_writes_the_documented_json(tmp_path
     assert COMMON_KEYS <= set(metrics) and metrics["task"] == "phenotypes"
     assert set(metrics["models"]["good"]["columns"]["LVM (g)"]) == STATS_KEYS
     assert metrics["models"]["mean_guess"]["columns"]["LVM (g)"]["pearson_r"] is None
+    assert metrics["schema_version"] == phenotypes.SCHEMA_VERSION == 2
+    learning = metrics["models"]["good"]["learning"]
+    assert learning["training"] is None and learning["learned"]  # an .npz has no training log
+    assert set(learning["columns"]["LVM (g)"]) == {"pred_sd", "target_sd", "sd_ratio",
+                                                    "spread_ok", "learned"}  # fmt: skip
     for files in metrics["plots"].values():
         for f in files.values():
             assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -239,7 +244,8 @@ def representation_run(checkpoints, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("representation")
     argv = ["representation", "--model", f"few={checkpoints['few_planes']}", "--data",
             str(tiny_dataset), "--out", str(out), "--tsne-splits", "all", "--pairs", "1",
-            "--batch-size", "8", "--no-progress"]  # fmt: skip
+            "--batch-size", "8", "--no-progress",
+            "--control", f"untrained={checkpoints['few_planes']}"]  # fmt: skip
     assert cli.main(argv) == 0
     return out
 
@@ -272,6 +278,59 @@ def test_representation_json_robustness_and_tsne(representation_run, tiny_datase
     assert first["num_exams"] == had.sum()
     assert first["cosine_cls"]["mean"] == pytest.approx(cos.mean(), abs=1e-6)
     assert cos.max() < 1.0 - 1e-6  # removing a plane does change the representation
+    # Re-identification of the same removal: each reduced exam among all full exams.
+    n = len(full["eid"])
+    assert robust["distance"] == "euclidean" and robust["num_exams"] == n
+    assert robust["chance_top1"] == pytest.approx(1 / n)
+    hits, shift = representation.reidentify(part["cls"][had], full["cls"], np.flatnonzero(had))
+    between = representation.between_subject_distance(full["cls"])
+    assert robust["between_subject"]["cls"]["median"] == pytest.approx(between["median"])
+    assert robust["between_subject"]["cls"]["num_pairs"] == n * (n - 1) // 2
+    reid = first["reid_cls"]
+    assert reid["n"] == had.sum() and reid["top1"] == pytest.approx(hits.mean())
+    assert reid["shift_fraction"] == pytest.approx(shift.mean() / between["median"], rel=1e-5)
+    pooled = robust["single_plane"]["reid_mean_pooled"]
+    assert pooled["n"] == robust["single_plane"]["cosine_mean_pooled"]["n"]
+    assert 0 <= pooled["top1"] <= 1 and pooled["shift"]["n"] == pooled["n"]
+    # The control: robustness only, of an untrained MAE of the same config (seed 0).
+    control = metrics["models"]["untrained"]
+    assert control["control"] == {"init": "random", "seed": 0,
+                                  "config_from": str(checkpoints["few_planes"])}  # fmt: skip
+    assert "tsne" not in control and entry["control"] is None
+    assert control["robustness"]["single_plane"]["reid_cls"]["n"] == pooled["n"]
+    assert "untrained (random init)" in representation.reid_table(metrics)
+
+
+def test_reidentify_by_hand_parallel_embeddings_and_random_queries():
+    rng = np.random.default_rng(0)
+    # Different exams nearly parallel (cosine > 0.999), reduced = full: all found.
+    base = rng.normal(size=32) * 10
+    full = base + 0.05 * rng.normal(size=(200, 32))
+    cos = representation.cosine_similarity(full[:100], full[100:])
+    assert cos.min() > 0.999
+    hits, shift = representation.reidentify(full, full, np.arange(200))
+    assert hits.all() and np.all(shift == 0)
+    # Reduced embeddings unrelated to their exam: about chance (1/200).
+    random = base + 0.05 * rng.normal(size=(200, 32))
+    hits, _ = representation.reidentify(random, full, np.arange(200))
+    assert hits.mean() <= 0.03
+    # By hand on a line: exams at 0, 1, 3 (pair distances 1, 3, 2: median 2).
+    gallery = np.array([[0.0], [1.0], [3.0]])
+    between = representation.between_subject_distance(gallery)
+    assert between == {"median": 2.0, "num_pairs": 3, "num_exams": 3}
+    # exam 0 reduced to 0.5: as near exam 1 as itself, a tie, so a miss; exam 2 at 2.9: hit.
+    hits, shift = representation.reidentify(np.array([[0.5], [2.9]]), gallery, [0, 2])
+    assert hits.tolist() == [False, True] and shift == pytest.approx([0.5, 0.1])
+    summary = representation.reid_summary(hits, shift, between["median"], 3)
+    assert summary["top1"] == 0.5 and summary["hits"] == 1 and summary["chance"] == 1 / 3
+    assert summary["shift_fraction"] == pytest.approx(0.3 / 2.0)
+    assert summary["shift"]["mean"] == pytest.approx(0.3)
+    # A larger gallery is subsampled for the median, deterministically.
+    sampled = representation.between_subject_distance(full, max_exams=50, seed=1)
+    assert sampled["num_exams"] == 50 and sampled["num_pairs"] == 50 * 49 // 2
+    assert sampled == representation.between_subject_distance(full, max_exams=50, seed=1)
+    with pytest.raises(ValueError, match="must be"):
+        representation.reidentify(np.zeros((2, 3)), np.zeros((4, 2)), [0, 1])
 
 
 def test_neighbour_spearman_and_plane_removals():
@@ -343,6 +402,13 @@ def test_robustness_reports_the_shift_of_a_regression_models_predictions(checkpo
     shift = np.abs(without["pred"] - full["pred"])[had]
     reported = robust["removals"][1]["phenotype_shift"]
     assert list(reported) == list(full["columns"])
+    error = np.abs(full["pred"] - full["target"])
     for k, column in enumerate(full["columns"]):
         assert reported[column]["mean"] == pytest.approx(shift[:, k].mean(), rel=1e-5)
+        mae = np.nanmean(error[:, k])
+        assert robust["regression"][column]["mae"] == pytest.approx(mae, rel=1e-5)
+        fraction = robust["removals"][1]["phenotype_shift_fraction"][column]
+        assert fraction == pytest.approx(shift[:, k].mean() / mae, rel=1e-5)
+        assert robust["regression"][column]["learned"] in (True, False)
     assert shift.max() > 0  # the regressor does see the removal
+    assert set(robust["single_plane"]["phenotype_shift_fraction"]) == set(full["columns"])

@@ -5,11 +5,14 @@
 
   generate   the phantom dataset (tiny resolution: 32x32, 10 frames)
   pretrain   the MAE on all 9 planes, and SA-only / LA-only MAEs for the ablation
-  phenotype  MAE linear probe, MAE fine-tuned, ViT from scratch, ResNet50 baseline
+  phenotype  MAE linear probe, the same probe on an untrained encoder (the control),
+             MAE fine-tuned, ViT from scratch, ResNet50 baseline
   segment    UNETR on the pretrained encoder, and the same network from scratch (UNETR+)
-  evaluate   reconstruction, phenotypes, segmentation, representation (t-SNE,
-             missing-plane robustness), then the markdown report and the paper's claims
-             checked on the numbers (held or not, never tuned to hold)
+  evaluate   reconstruction, phenotypes (with learning checks), segmentation,
+             representation (t-SNE, missing-plane robustness as subject re-identification,
+             beside an untrained encoder of the same config), then the markdown report and
+             the paper's claims checked on the numbers against their controls
+             (`whmae.evaluate.claims`: held, not held or void, never tuned to hold)
 
 Every training stage resumes from its checkpoint, so rerunning an interrupted demo
 continues where it stopped; finished stages are skipped.
@@ -34,6 +37,7 @@ PRETRAIN_RUNS = {
 }
 PHENOTYPE_RUNS = {
     "mae_probe": "tiny,probe",
+    "random_probe": "tiny,probe",  # the control: init.pretrained False (RUN_OVERRIDES)
     "mae_finetuned": "tiny,finetune",
     "vit_scratch": "tiny,vit_scratch",
     "resnet50": "tiny,resnet50",
@@ -44,6 +48,11 @@ PHENOTYPE_RUNS = {
 # read every token in grid order; the from-scratch ViT gets the same head.
 PHENOTYPE_OVERRIDES = {"data.batch_size": 32}
 VIT_PHENOTYPE_OVERRIDES = {"model.pool": "tokens", "optim.lr": 5e-4, "optim.probe_lr": 1e-3}
+# Per run: the random-init probe is mae_probe's run with an untrained encoder (the same
+# seed policy as every run: train.seed, so its encoder is the pretraining's step 0).
+RUN_OVERRIDES = {"random_probe": {"init.pretrained": False}}
+# The representation evaluation's control: an untrained MAE of mae_all_planes' config.
+REPRESENTATION_CONTROL = "random_init"
 SEGMENTATION_RUNS = {
     "unetr_mae": "tiny,finetune",
     "unetr_scratch": "tiny,unetr_scratch",
@@ -106,6 +115,7 @@ class _Timer:
 
 def run_demo(workdir, *, num_exams: int, steps: dict, workers: int) -> dict:
     from whmae.data.generate import generate_dataset
+    from whmae.evaluate import claims as paper
     from whmae.evaluate import phenotypes, reconstruction, report, representation, segmentation
     from whmae.finetune import finetune
     from whmae.pretrain import pretrain_task
@@ -143,6 +153,7 @@ def run_demo(workdir, *, num_exams: int, steps: dict, workers: int) -> dict:
                     overrides = dict(PHENOTYPE_OVERRIDES)
                     if config.model.arch == "vit":
                         overrides.update(VIT_PHENOTYPE_OVERRIDES)
+                    overrides.update(RUN_OVERRIDES.get(name, {}))
                     _override(config, overrides)
                     summary.setdefault("overrides", {})[name] = overrides
                 config.data.dir = str(data_dir)
@@ -170,99 +181,27 @@ def run_demo(workdir, *, num_exams: int, steps: dict, workers: int) -> dict:
         )  # fmt: skip
         representation.run(
             {"mae_all_planes": pretrained}, data, split, eval_dir / "representation",
+            controls={REPRESENTATION_CONTROL: pretrained},
             tsne_splits=("train", "val", "test"), regression=str(runs / "mae_finetuned"),
             progress=False,
         )  # fmt: skip
-        claims = paper_claims(eval_dir)
+        claims = paper.paper_claims(eval_dir)
         (eval_dir / "claims.json").write_text(json.dumps(claims, indent=2))
         markdown = report.render_report([eval_dir], eval_dir)
+        ratios = paper.phenotype_ratio_markdown(report.read_task_metrics(eval_dir / "phenotypes"))
         (eval_dir / "report.md").write_text(
-            markdown + "\n" + claims_markdown(claims) + "\n" + stages_markdown(summary)
-        )
+            markdown + "\n" + paper.claims_markdown(claims) + "\n" + ratios + "\n"
+            + stages_markdown(summary)
+        )  # fmt: skip
 
     summary["claims_held"] = sum(c["holds"] for c in claims)
+    summary["claims_void"] = sum(c["status"] == "void" for c in claims)
     summary["claims"] = len(claims)
     (eval_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(claims_markdown(claims))
+    print(paper.claims_markdown(claims))
+    print(ratios)
     print(f"\nreport: {eval_dir / 'report.md'}")
     return summary
-
-
-def _metrics(eval_dir: Path, task: str) -> dict:
-    return json.loads((eval_dir / task / "metrics.json").read_text())
-
-
-def paper_claims(eval_dir) -> list[dict]:
-    """The paper's claims, each checked on the demo's metrics: claim, holds, evidence."""
-    eval_dir = Path(eval_dir)
-    claims = []
-
-    pheno = _metrics(eval_dir, "phenotypes")
-    models = pheno["models"]
-
-    def mae(model, column):
-        value = models[model]["columns"][column]["mae"]
-        return float("nan") if value is None else value
-
-    best_mae = {c: min(mae("mae_probe", c), mae("mae_finetuned", c)) for c in pheno["columns"]}
-    for column in pheno["columns"]:
-        guess = mae("mean_guess", column)
-        claims.append({
-            "claim": f"pretrained representation beats mean-guess by a wide margin: {column}",
-            "holds": bool(best_mae[column] < 0.7 * guess),
-            "evidence": f"MAE {best_mae[column]:.3g} vs mean guess {guess:.3g} "
-                        "(wide margin: < 0.7x)",
-        })  # fmt: skip
-    for baseline in ("vit_scratch", "resnet50"):
-        wins = [c for c in pheno["columns"] if best_mae[c] < mae(baseline, c)]
-        claims.append({
-            "claim": f"pretrained representation beats {baseline} (phenotype MAE)",
-            "holds": len(wins) > len(pheno["columns"]) / 2,
-            "evidence": f"better on {len(wins)}/{len(pheno['columns'])} phenotypes: {wins}",
-        })  # fmt: skip
-
-    seg = _metrics(eval_dir, "segmentation")["models"]
-    dice = {name: seg[name]["mean_dice"] for name in seg}
-    pretrained_dice = _mean([v for v in dice["unetr_mae"].values() if v is not None])
-    scratch_dice = _mean([v for v in dice["unetr_scratch"].values() if v is not None])
-    claims.append({
-        "claim": "segmentation on the pretrained encoder beats the same network from scratch",
-        "holds": bool(pretrained_dice > scratch_dice),
-        "evidence": f"mean Dice {pretrained_dice:.3f} vs {scratch_dice:.3f}",
-    })  # fmt: skip
-
-    recon = _metrics(eval_dir, "reconstruction")["models"]
-    for plane_type, single in (("short_axis", "mae_sa_only"), ("long_axis", "mae_la_only")):
-        full = recon["mae_all_planes"]["plane_types"][plane_type]["mse"]["mean"]
-        alone = recon[single]["plane_types"][plane_type]["mse"]["mean"]
-        claims.append({
-            "claim": f"all-view reconstruction beats {single} on {plane_type} planes",
-            "holds": bool(full < alone),
-            "evidence": f"MSE {full:.4g} (all planes) vs {alone:.4g} ({single})",
-        })  # fmt: skip
-
-    robust = _metrics(eval_dir, "representation")["models"]["mae_all_planes"]["robustness"]
-    for removal in ("single_plane", "plane_pairs"):
-        cosine = robust[removal]["cosine_cls"]["mean"]
-        claims.append({
-            "claim": f"the representation barely moves when planes are removed ({removal})",
-            "holds": bool(cosine > 0.95),
-            "evidence": f"mean cosine similarity to the full exam {cosine:.4f} (> 0.95)",
-        })  # fmt: skip
-    return claims
-
-
-def _mean(values) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def claims_markdown(claims: list[dict]) -> str:
-    held = sum(c["holds"] for c in claims)
-    lines = [f"## The paper's claims on the phantom ({held}/{len(claims)} hold)", ""]
-    lines += ["| claim | holds | evidence |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {'yes' if c['holds'] else 'NO'} | {c['evidence']} |"
-              for c in claims]  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 def stages_markdown(summary: dict) -> str:

@@ -3,11 +3,21 @@
   whmae-embed --checkpoint runs/pretrain --data data/ukbb --split test --out test.npz
   whmae-embed --checkpoint converted/ --data data/ukbb --split all --out all.npz \\
       --absent-planes la_3ch,sa_5          # robustness: embed as if these were missing
+  whmae-embed --checkpoint runs/pretrain --random-init --data data/ukbb --out control.npz
+                                           # control: untrained encoder of the same config
 
 The encoder runs without masking (deterministic) on every exam of the split(s):
 batched, jitted, the batch split over a `data` mesh axis of all local devices (the
 last partial batch padded, the padding dropped). Absent planes (the record's
 plane_mask, minus `--absent-planes`) are ignored by attention and pooling.
+
+Random-init control (`--random-init`, `random_init_model`): an untrained MAE of the
+checkpoint's config, initialised as `MaskedAutoencoder(config, rngs=nnx.Rngs(seed))`
+with `seed` the checkpoint's stored `train.seed` (0 when it has none, e.g. a converted
+checkpoint): the model the pretraining run started from (the training loop builds it
+from `nnx.Rngs(train.seed)` too, under jit: the same draws, up to ~1e-8 float rounding
+in a few parameters), so pretrained and control differ only by training.
+`--seed` picks another draw. Only the config of the checkpoint is read.
 
 Output `.npz`, one row per exam in dataset order:
   eid          str [N]          split      str [N]
@@ -15,6 +25,7 @@ Output `.npz`, one row per exam in dataset order:
   mean_pooled  float32 [N, D]   the mean of the available tokens
   plane_mask   bool [N, 9]      the planes the encoder saw
   checkpoint   str []           step  int []
+  random_init  bool []          seed  int [] (with --random-init: the init seed, else -1)
 """
 
 from __future__ import annotations
@@ -28,17 +39,27 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from whmae.data.pipeline import make_pipeline, num_examples
 from whmae.data.splits import SPLITS
 from whmae.layout import NUM_PLANES, PLANE_NAMES
-from whmae.model.io import load_model, resolve_checkpoint
+from whmae.model.config import MAEConfig
+from whmae.model.io import load_config, load_model, resolve_checkpoint
 from whmae.model.mae import MaskedAutoencoder, embeddings
 from whmae.train.mesh import batch_sharding, make_mesh, replicated
 
-__all__ = ["embed_dataset", "main", "make_embed_fn", "parse_planes", "write_embeddings"]
+__all__ = [
+    "embed_dataset",
+    "init_seed",
+    "main",
+    "make_embed_fn",
+    "parse_planes",
+    "random_init_model",
+    "write_embeddings",
+]
 
 FIELDS = ("eid", "images", "plane_mask")
 
@@ -46,6 +67,31 @@ FIELDS = ("eid", "images", "plane_mask")
 def local_data_mesh() -> jax.sharding.Mesh:
     """A mesh whose `data` axis spans this process's devices."""
     return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
+
+
+def init_seed(path: str | os.PathLike, step: int | None = None) -> int:
+    """The seed a checkpoint's model was initialised from: its stored `train.seed`, or 0
+    (the training loop's default) when the checkpoint records none."""
+    directory, step = resolve_checkpoint(path, step)
+    where = directory / str(step) / "config"
+    if not where.is_dir():
+        return 0
+    stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        where, args=ocp.args.JsonRestore()
+    )
+    train = stored.get("train") or {}
+    return int(train.get("seed", 0)) if isinstance(train, dict) else 0
+
+
+def random_init_model(
+    path: str | os.PathLike, step: int | None = None, *, seed: int | None = None
+) -> tuple[MaskedAutoencoder, MAEConfig, int]:
+    """(untrained model, config, seed): a fresh MAE of the checkpoint's config, initialised
+    from `nnx.Rngs(seed)`; `seed` None = `init_seed` (the pretraining run's own start)."""
+    directory, step = resolve_checkpoint(path, step)
+    config = load_config(directory, step)
+    seed = init_seed(directory, step) if seed is None else int(seed)
+    return MaskedAutoencoder(config, rngs=nnx.Rngs(seed)), config, seed
 
 
 def make_embed_fn(
@@ -169,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .npz file")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--absent-planes", default="", help="planes to treat as missing")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="control: embed with an untrained MAE of the checkpoint's config",
+    )
+    parser.add_argument("--seed", type=int, help="--random-init seed (default: train.seed)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -180,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         directory, step = resolve_checkpoint(args.checkpoint, args.step)
         mesh = local_data_mesh()
-        model, _ = load_model(directory, step, sharding=replicated(mesh))
+        seed = -1
+        if args.random_init:
+            model, _, seed = random_init_model(directory, step, seed=args.seed)
+        else:
+            model, _ = load_model(directory, step, sharding=replicated(mesh))
         result = embed_dataset(
             model,
             args.data,
@@ -193,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-embed: {e}", file=sys.stderr)
         return 2
-    out = write_embeddings(args.out, result, checkpoint=str(directory), step=step)
+    out = write_embeddings(args.out, result, checkpoint=str(directory), step=step,
+                           random_init=args.random_init, seed=seed)  # fmt: skip
     n, d = result["cls"].shape
     print(f"wrote {n} exams x {d} dims ({', '.join(splits)}) to {out}")
     return 0

@@ -5,7 +5,12 @@
 Each argument is a task's output directory (holding metrics.json) or a folder of such
 directories. The report has one section per task: a compact paper-style table
 (phenotype MAE per model, Dice per class and model, ...), the task's full table, and
-links to its PNGs, relative to the report so the folder can be moved as a whole.
+links to its PNGs, relative to the report so the folder can be moved as a whole. The
+phenotype section says in plain words which model did not learn which phenotype
+(`whmae.evaluate.phenotypes.learning_summary`).
+
+Each task writes its own metrics.json version (its module's `SCHEMA_VERSION`);
+`read_task_metrics` checks a file against the version of its task.
 """
 
 from __future__ import annotations
@@ -19,9 +24,25 @@ from pathlib import Path
 from whmae.evaluate import phenotypes, reconstruction, representation, segmentation
 from whmae.evaluate.results import format_table, jsonable, read_metrics
 
-__all__ = ["find_metrics", "main", "render_report", "write_report"]
+__all__ = ["find_metrics", "main", "read_task_metrics", "render_report", "write_report"]
 
 TASK_ORDER = ("reconstruction", "phenotypes", "segmentation", "representation")
+TASK_MODULES = {
+    "reconstruction": reconstruction,
+    "phenotypes": phenotypes,
+    "segmentation": segmentation,
+    "representation": representation,
+}
+
+
+def read_task_metrics(path: str | os.PathLike) -> dict:
+    """A metrics.json (or the directory holding one), checked for the common keys and for
+    the schema version its task's module writes."""
+    metrics = read_metrics(path, schema_version=None)
+    module = TASK_MODULES.get(metrics["task"])
+    if module is None:
+        raise ValueError(f"{path}: unknown task {metrics['task']!r}")
+    return read_metrics(path, schema_version=module.SCHEMA_VERSION)
 
 
 def find_metrics(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -66,7 +87,7 @@ def _images(metrics: Mapping) -> list[str]:
 
 def render_section(metrics_path: Path, report_dir: Path) -> str:
     """The markdown section of one metrics.json."""
-    metrics = jsonable(read_metrics(metrics_path))
+    metrics = jsonable(read_task_metrics(metrics_path))
     task = metrics["task"]
     lines = [f"## {task.capitalize()}", "",
              f"Split `{metrics.get('split')}` of `{metrics.get('data_dir')}`; "
@@ -74,7 +95,20 @@ def render_section(metrics_path: Path, report_dir: Path) -> str:
     if task == "reconstruction":
         lines.append(reconstruction.reconstruction_table(metrics, markdown=True))
     elif task == "phenotypes":
-        lines += [_mae_matrix(metrics), "", phenotypes.phenotype_table(metrics, markdown=True)]
+        lines += [_mae_matrix(metrics), ""]
+        if any(m.get("learning") for m in metrics["models"].values()):
+            failed = phenotypes.learning_summary(metrics)
+            lines += [
+                "Learning checks (a model did not learn a phenotype when its predictions' SD "
+                f"is < {phenotypes.SPREAD_RATIO_MIN}x the targets' or its training loss never "
+                "fell below the mean guess's):",
+                "",
+                *(f"- {line}" for line in failed or ["every model learned every phenotype."]),
+                "",
+                phenotypes.learning_table(metrics, markdown=True),
+                "",
+            ]
+        lines.append(phenotypes.phenotype_table(metrics, markdown=True))
     elif task == "segmentation":
         lines += [_dice_matrix(metrics), "",
                   segmentation.segmentation_table(metrics, markdown=True), "",
@@ -84,6 +118,16 @@ def render_section(metrics_path: Path, report_dir: Path) -> str:
         if any(e.get("tsne") for e in metrics["models"].values()):
             lines += [representation.tsne_table(metrics, markdown=True), ""]
         if any(e.get("robustness") for e in metrics["models"].values()):
+            lines += [
+                "Missing-plane robustness as subject re-identification (Euclidean, each "
+                "reduced exam among the full-plane embeddings of all exams; shift = distance "
+                "to its own full embedding over the median between-subject distance):",
+                "",
+                representation.reid_table(metrics, markdown=True),
+                "",
+            ]
+            if metrics.get("regression"):
+                lines += [representation.phenotype_shift_table(metrics, markdown=True), ""]
             lines.append(representation.representation_table(metrics, markdown=True))
     else:
         raise ValueError(f"{metrics_path}: unknown task {task!r}")
@@ -98,7 +142,7 @@ def render_report(paths: Sequence[str | os.PathLike], report_dir: str | os.PathL
     """The whole markdown report of the metrics.json found under `paths`."""
     report_dir = Path(report_dir).absolute()
     found = [p.absolute() for p in find_metrics(paths)]
-    tasks = {p: read_metrics(p)["task"] for p in found}
+    tasks = {p: read_task_metrics(p)["task"] for p in found}
     order = {t: i for i, t in enumerate(TASK_ORDER)}
     found.sort(key=lambda p: (order.get(tasks[p], len(order)), str(p)))
     body = [render_section(p, report_dir) for p in found]

@@ -50,8 +50,9 @@ def write_metrics(out_dir: str | os.PathLike, metrics: Mapping) -> Path:
     return write_text_atomic(out_dir / METRICS_FILE, text)
 
 
-def read_metrics(path: str | os.PathLike) -> dict:
-    """A metrics.json (or the directory holding one), checked for the common keys."""
+def read_metrics(path: str | os.PathLike, schema_version: int | None = SCHEMA_VERSION) -> dict:
+    """A metrics.json (or the directory holding one), checked for the common keys and,
+    unless `schema_version` is None, for that schema version."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
@@ -64,10 +65,10 @@ def read_metrics(path: str | os.PathLike) -> dict:
     missing = [k for k in ("task", "schema_version", "models") if k not in metrics]
     if missing:
         raise ValueError(f"{path} lacks the keys {missing} of a whmae metrics.json")
-    if metrics["schema_version"] != SCHEMA_VERSION:
+    if schema_version is not None and metrics["schema_version"] != schema_version:
         raise ValueError(
-            f"{path} has schema_version {metrics['schema_version']}, this code reads "
-            f"{SCHEMA_VERSION}"
+            f"{path} ({metrics['task']}) has schema_version {metrics['schema_version']}, this "
+            f"code reads {schema_version}: rerun `whmae-evaluate {metrics['task']}`"
         )
     return metrics
 
