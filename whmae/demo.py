@@ -1,9 +1,11 @@
-"""The main job on the built-in synthetic phantom, end to end on a laptop CPU.
+"""The main job on the built-in synthetic phantom, end to end.
 
-`whmae-demo --workdir runs/demo` runs every stage of the paper's pipeline and writes
-`runs/demo/report/report.md` (with `claims.json`, every task's metrics.json and PNGs):
+`whmae-demo --workdir runs/demo` runs every stage of the paper's pipeline on a laptop CPU
+(profile `cpu`; `--profile gpu`: the paper's resolution on one big GPU, see
+`whmae.demo_profiles`) and writes `runs/demo/report/report.md` (with `claims.json`, every
+task's metrics.json and PNGs):
 
-  generate   the phantom dataset (tiny resolution: 32x32, 10 frames)
+  generate   the phantom dataset (the profile's resolution and field of view)
   pretrain   the MAE on all 9 planes, and SA-only / LA-only MAEs for the ablation
   phenotype  MAE linear probe, the same probe on an untrained encoder (the control),
              MAE fine-tuned, ViT from scratch, ResNet50 baseline
@@ -46,7 +48,6 @@ PHENOTYPE_RUNS = {
 # 32x32 a 33-wide encoder's cls / mean-pooled tokens hold little of where things are
 # (a ridge probe on them stays near the mean guess for volumes), so the phenotype heads
 # read every token in grid order; the from-scratch ViT gets the same head.
-PHENOTYPE_OVERRIDES = {"data.batch_size": 32}
 VIT_PHENOTYPE_OVERRIDES = {"model.pool": "tokens", "optim.lr": 5e-4, "optim.probe_lr": 1e-3}
 # Per run: the random-init probe is mae_probe's run with an untrained encoder (the same
 # seed policy as every run: train.seed, so its encoder is the pretraining's step 0).
@@ -68,10 +69,14 @@ def _config(name: str, variant: str):
     return load_config_file(path, variant)
 
 
-def _pretrain_config(variant: str):
+def _pretrain_config(variant: str, profile=None):
+    from whmae.demo_profiles import CPU, apply_model
     from whmae.layout import LONG_AXIS_PLANES, SHORT_AXIS_PLANES
 
+    profile = profile or CPU
     config = _config("pretrain", "tiny")
+    config.model = apply_model(config.model.to_dict(), profile)
+    _override(config, profile.pretrain)
     if "sa_only" in variant:
         config.model.planes = SHORT_AXIS_PLANES
     elif "la_only" in variant:
@@ -113,56 +118,85 @@ class _Timer:
         self.report.setdefault("stage_seconds", {})[self.name] = seconds
 
 
-def run_demo(workdir, *, num_exams: int, steps: dict, workers: int) -> dict:
+def phenotype_overrides(name: str, config) -> dict:
+    """The demo's settings of phenotype run `name` on top of its config file."""
+    overrides = {}
+    if config.model.arch == "vit":
+        overrides.update(VIT_PHENOTYPE_OVERRIDES)
+    overrides.update(RUN_OVERRIDES.get(name, {}))
+    return overrides
+
+
+def finetune_configs(stage: str, profile, steps: dict, data_dir, pretrained: str):
+    """(name, config) of every run of a fine-tuning `stage` (phenotype | segmentation),
+    resized to `profile` (`whmae.demo_profiles`)."""
+    from whmae.demo_profiles import apply_model
+
+    runs = {"phenotype": PHENOTYPE_RUNS, "segmentation": SEGMENTATION_RUNS}[stage]
+    for name, variant in runs.items():
+        config = _config(stage, variant)
+        config.model.encoder = apply_model(config.model.encoder.to_dict(), profile)
+        _override(config, getattr(profile, stage))
+        if stage == "phenotype":
+            _override(config, phenotype_overrides(name, config))
+        config.data.dir = str(data_dir)
+        config.train.steps = steps[stage]
+        config.train.log_every = max(steps[stage] // 20, 1)
+        config.train.checkpoint_every = max(steps[stage] // 2, 1)
+        config.mesh.data = -1
+        if config.init.pretrained:
+            config.init.checkpoint = pretrained
+        yield name, config
+
+
+def run_demo(
+    workdir, *, profile="cpu", num_exams: int | None = None, steps: dict | None = None,
+    workers: int | None = None,
+) -> dict:  # fmt: skip
+    """Every stage of the demo under `profile` (a name or a `demo_profiles.Profile`);
+    num_exams / steps / workers override the profile's. Returns demo_summary.json's dict."""
     from whmae.data.generate import generate_dataset
+    from whmae.demo_profiles import get_profile
     from whmae.evaluate import claims as paper
     from whmae.evaluate import phenotypes, reconstruction, report, representation, segmentation
     from whmae.finetune import finetune
     from whmae.pretrain import pretrain_task
     from whmae.train.loop import quiet_library_logs
 
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    num_exams = profile.num_exams if num_exams is None else num_exams
+    steps = {**profile.steps, **(steps or {})}
+    if workers is None:
+        workers = profile.generate_workers or min(os.cpu_count() or 1, 16)
     workdir = Path(workdir)
     data_dir, runs, eval_dir = workdir / "data", workdir / "runs", workdir / "report"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"workdir": str(workdir), "steps": steps, "num_exams": num_exams}
+    summary: dict = {"workdir": str(workdir), "profile": profile.name, "steps": steps,
+                     "num_exams": num_exams, "image_size": profile.image_size,
+                     "frames": profile.frames, "model": profile.model}  # fmt: skip
     quiet_library_logs()
 
     with _Timer(summary, "generate"):
-        tiny = _pretrain_config("tiny")
         generate_dataset(
-            data_dir, num_exams, size=tiny.model.image_size, frames=tiny.model.frames,
-            seed=0, num_shards=4, workers=workers,
+            data_dir, num_exams, size=profile.image_size, frames=profile.frames,
+            seed=0, num_shards=max(4, workers), workers=workers,
+            short_axis_fov_mm=profile.short_axis_fov_mm,
+            long_axis_fov_mm=profile.long_axis_fov_mm,
         )  # fmt: skip
 
     with _Timer(summary, "pretrain"):
         for name, variant in PRETRAIN_RUNS.items():
             print(f"-- {name}", file=sys.stderr)
-            config = _pretrain_config(variant)
+            config = _pretrain_config(variant, profile)
             _train(config, runs / name, steps["pretrain"], data_dir, pretrain_task)
 
     pretrained = str(runs / "mae_all_planes")
-    for stage, config_name, stage_runs in (
-        ("phenotype", "phenotype", PHENOTYPE_RUNS),
-        ("segmentation", "segmentation", SEGMENTATION_RUNS),
-    ):
+    for stage in ("phenotype", "segmentation"):
         with _Timer(summary, stage):
-            for name, variant in stage_runs.items():
+            for name, config in finetune_configs(stage, profile, steps, data_dir, pretrained):
                 print(f"-- {name}", file=sys.stderr)
-                config = _config(config_name, variant)
                 if stage == "phenotype":
-                    overrides = dict(PHENOTYPE_OVERRIDES)
-                    if config.model.arch == "vit":
-                        overrides.update(VIT_PHENOTYPE_OVERRIDES)
-                    overrides.update(RUN_OVERRIDES.get(name, {}))
-                    _override(config, overrides)
-                    summary.setdefault("overrides", {})[name] = overrides
-                config.data.dir = str(data_dir)
-                config.train.steps = steps[stage]
-                config.train.log_every = max(steps[stage] // 20, 1)
-                config.train.checkpoint_every = max(steps[stage] // 2, 1)
-                config.mesh.data = -1
-                if config.init.pretrained:
-                    config.init.checkpoint = pretrained
+                    summary.setdefault("overrides", {})[name] = phenotype_overrides(name, config)
                 finetune(config, str(runs / name))
 
     with _Timer(summary, "evaluate"):
@@ -205,26 +239,50 @@ def run_demo(workdir, *, num_exams: int, steps: dict, workers: int) -> dict:
 
 
 def stages_markdown(summary: dict) -> str:
-    lines = ["## Run", "", f"Exams: {summary['num_exams']}; steps: {summary['steps']}", ""]
+    lines = ["## Run", "", f"Profile {summary['profile']}: {summary['num_exams']} exams at "
+             f"{summary['image_size']}x{summary['image_size']}x{summary['frames']}; "
+             f"steps: {summary['steps']}", ""]  # fmt: skip
     lines += [f"- {stage}: {seconds} s" for stage, seconds in summary["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="whmae-demo", description=__doc__.split("\n")[0])
+    from whmae.demo_profiles import PROFILES
+
+    parser = argparse.ArgumentParser(
+        prog="whmae-demo",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="profiles: "
+        + "; ".join(
+            f"{p.name}: {p.num_exams} exams at {p.image_size}x{p.image_size}x{p.frames}, "
+            f"steps {p.steps}"
+            for p in PROFILES.values()
+        ),
+    )
     parser.add_argument("--workdir", default="runs/demo", help="data, runs and report go here")
-    parser.add_argument("--num-exams", type=int, default=2000)
-    parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--phenotype-steps", type=int, default=400)
-    parser.add_argument("--segmentation-steps", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--profile", default="cpu", choices=sorted(PROFILES),
+        help="cpu: <= 15 min on 2 cores; gpu: paper resolution, one H100/H200",
+    )  # fmt: skip
+    parser.add_argument("--num-exams", type=int, default=None, help="default: the profile's")
+    for stage in ("pretrain", "phenotype", "segmentation"):
+        parser.add_argument(f"--{stage}-steps", type=int, default=None,
+                            help="default: the profile's")  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="phantom generation processes (default: the profile's, else min(cores, 16))",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     steps = {
-        "pretrain": args.pretrain_steps,
-        "phenotype": args.phenotype_steps,
-        "segmentation": args.segmentation_steps,
+        stage: value
+        for stage in ("pretrain", "phenotype", "segmentation")
+        if (value := getattr(args, f"{stage}_steps")) is not None
     }
-    run_demo(args.workdir, num_exams=args.num_exams, steps=steps, workers=args.workers)
+    run_demo(
+        args.workdir, profile=args.profile, num_exams=args.num_exams, steps=steps,
+        workers=args.workers,
+    )  # fmt: skip
     return 0
 
 
