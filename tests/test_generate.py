@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import TINY_DATASET
 
+from whmae import layout
 from whmae.data import records
 from whmae.data.generate import RefusedError, generate_dataset, main, shard_indices
-from whmae.data.phantom import PhantomConfig, make_exam
+from whmae.data.phantom import PhantomConfig, default_fov_mm, make_exam, sample_population
 from whmae.data.pipeline import make_pipeline
 from whmae.data.splits import SPLITS
 
@@ -132,3 +133,53 @@ def test_overwrite_forces_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     summary = generate_dataset(tmp_path, **SMALL, overwrite=True, progress=False, figure=False)
     assert summary["status"] == "new" and summary["num_examples"] == 6
+
+
+def test_fields_of_view_and_groups_are_recorded(tmp_path, capsys):
+    out = tmp_path / "data"
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    fovs = ["--short-axis-fov-mm", "120", "--long-axis-fov-mm", "180"]
+    assert main(["--out", str(out), *argv, *fovs]) == 0
+    printed = capsys.readouterr().out
+    assert "short-axis 120 mm (7.50 mm/pixel), long-axis 180 mm" in printed
+    arguments = json.loads((out / "generate_args.json").read_text())
+    assert arguments["short_axis_fov_mm"] == 120.0 and arguments["long_axis_fov_mm"] == 180.0
+    config = PhantomConfig(
+        size=16, frames=4, seed=1, short_axis_fov_mm=120.0, long_axis_fov_mm=180.0
+    )
+    exams = read_all(out)
+    for eid, exam in exams.items():
+        spacing = exam["pixel_spacing"]
+        np.testing.assert_allclose(spacing[list(layout.SHORT_AXIS_PLANES)], 120 / 16)
+        np.testing.assert_allclose(spacing[list(layout.LONG_AXIS_PLANES)], 180 / 16)
+        index = int(eid.rsplit("-", 1)[1])
+        assert exam["images"].tobytes() == make_exam(config, index)["images"].tobytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fov_mm"] == {"short_axis": 120.0, "long_axis": 180.0}
+    want = {}
+    for eid in exams:
+        group = sample_population(config, int(eid.rsplit("-", 1)[1]))[0]
+        want[group] = want.get(group, 0) + 1
+    assert summary["groups"] == want and sum(want.values()) == 6
+    by_split = summary["groups_by_split"]
+    assert {s: sum(c.values()) for s, c in by_split.items()} == summary["splits"]
+    assert "groups: " in printed
+
+    # Defaults: resolved per view for the size, recorded as numbers.
+    default = tmp_path / "default"
+    generate_dataset(default, **SMALL, progress=False, figure=False)
+    arguments = json.loads((default / "generate_args.json").read_text())
+    assert arguments["short_axis_fov_mm"] == default_fov_mm("short_axis", 16)
+    assert arguments["long_axis_fov_mm"] == default_fov_mm("long_axis", 16)
+    with pytest.raises(ValueError, match="short_axis_fov_mm must be > 0"):
+        generate_dataset(tmp_path / "bad", **SMALL, short_axis_fov_mm=0.0, progress=False)
+
+
+def test_a_dataset_of_an_older_phantom_is_refused(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    old = {"generator": "whmae.data.phantom", "schema_version": records.SCHEMA_VERSION,
+           **SMALL}  # fmt: skip
+    (out / "generate_args.json").write_text(json.dumps(old))
+    with pytest.raises(RefusedError, match="'phantom_version': \\(None, 2\\)"):
+        generate_dataset(out, **SMALL, progress=False, figure=False)

@@ -22,7 +22,7 @@ from whmae.phenotypes import phenotypes_from_segmentations
 
 GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
     "3100000": (0, 64, 50, 12, "sec"),
-    "3100001": (1, 80, 30, 9, "msec"),
+    "3100001": (6, 80, 30, 9, "msec"),  # index 6: a healthy heart that fits the crop
     "3100002": (2, 48, 50, 14, "sec"),
     "3100003": (3, 64, 30, 10, "msec"),
     "3100004": (4, 56, 50, 11, "sec"),

@@ -1,7 +1,9 @@
 """The synthetic multi-view cine CMR phantom: the embedded default dataset.
 
 Each exam is a heart built in millimetres (`phantom_heart`: truncated ellipsoid
-chambers over the cardiac cycle, true phenotypes from the continuous geometry), placed
+chambers over the cardiac cycle, true phenotypes from the continuous geometry) for a
+subject drawn from a population of healthy hearts and four pathology groups
+(`phantom_heart.GROUPS`, recorded as `Subject.group`), placed
 in a chest with a per-subject pose and cut by nine oblique planes (`phantom_planes`).
 Pixels are rendered by evaluating the implicit shapes at each pixel's world position,
 vectorised over planes x frames x pixels, with bSSFP-like contrast: bright blood and
@@ -30,15 +32,49 @@ _VIEW_CLASSES = {
 }
 
 
+# Field of view: the reference crop is 128 pixels at ~1.64 mm (210 mm). A smaller image keeps
+# that spacing while the heart still fits, then zooms out no further than needed to hold it
+# (`default_fov_mm`). TIGHT_FOV_MM, measured on 1100 subjects with their planning jitter,
+# tilts and in-plane rotations: the short axis needs p99 ~130 mm, at most 144 mm (a large
+# DCM heart) for its ventricles, so 140 mm holds ~99.5 % of hearts; the long axis needs
+# p99 ~200 mm, at most 216 mm, for ventricles and atria, so it keeps 210 mm at every size.
+REFERENCE_FOV_MM = 210.0
+REFERENCE_SIZE = 128
+TIGHT_FOV_MM = {"short_axis": 140.0, "long_axis": 210.0}
+
+
+def default_fov_mm(view: str, size: int) -> float:
+    """Field of view (mm) of a "short_axis" or "long_axis" plane of size x size pixels:
+    the reference spacing, but never less than what holds the heart (TIGHT_FOV_MM) nor more
+    than 210 mm (the 128-pixel crop; larger images get finer pixels)."""
+    native = REFERENCE_FOV_MM * size / REFERENCE_SIZE
+    return float(min(max(TIGHT_FOV_MM[view], native), REFERENCE_FOV_MM))
+
+
 @dataclasses.dataclass(frozen=True)
 class PhantomConfig:
     size: int = 128  # H = W
     frames: int = 50  # T
     seed: int = 0
-    fov_mm: float = 210.0  # field of view of every plane; pixel spacing = fov_mm / size
+    # Fields of view (mm; pixel spacing = FOV / size). None: fov_mm if given, else
+    # default_fov_mm(view, size) (210 mm at 128 pixels).
+    short_axis_fov_mm: float | None = None
+    long_axis_fov_mm: float | None = None
+    fov_mm: float | None = None  # both views at once (a view's own field wins)
     slice_spacing_mm: float = 10.0  # between consecutive short-axis slices
     noise: float = 0.04  # Rician noise sigma relative to the blood signal (per subject x0.6-1.4)
     tilt_degrees: float = 4.0  # largest planning error of each view
+    # Largest shift of a view's centre off the heart's middle: small on the short axis (the
+    # reference crop is centred on the segmentation), a planner's error on the long axis.
+    short_axis_jitter_mm: float = 3.0
+    long_axis_jitter_mm: float = 6.0
+
+    def view_fov_mm(self, view: str) -> float:
+        """The field of view (mm) of the "short_axis" or "long_axis" planes."""
+        own = {"short_axis": self.short_axis_fov_mm, "long_axis": self.long_axis_fov_mm}[view]
+        if own is not None:
+            return float(own)
+        return default_fov_mm(view, self.size) if self.fov_mm is None else float(self.fov_mm)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,6 +82,7 @@ class Subject:
     """Per-subject parameters; a deterministic function of (seed, index, frames)."""
 
     eid: str
+    group: str  # population group, a key of phantom_heart.GROUPS ("healthy", "dcm", ...)
     heart: Heart
     planning: Planning
     heart_rate: float  # bpm
@@ -60,13 +97,43 @@ class Subject:
         return 60.0 / self.heart_rate / len(self.heart.base_z)
 
 
+def _population_draw(rng: np.random.Generator) -> tuple[float, str, dict[str, float]]:
+    # Shared body-size factor (correlates the volumes), a standard normal without outliers.
+    size = phantom_heart.soft_clip(rng.standard_normal(), -2.75, 2.75)
+    group = phantom_heart.sample_group(rng)
+    return size, group, phantom_heart.sample_targets(rng, size, group)
+
+
+def sample_population(config: PhantomConfig, index: int) -> tuple[str, float, dict[str, float]]:
+    """(group, body-size draw, phenotype targets) of exam `index`: the first draws of
+    `sample_subject`, without building the heart (cheap, for population statistics).
+    The targets are what the heart is built towards: its true phenotypes equal them but
+    for the RV, solved numerically (~0.1 %, RVEF within ~0.1 points)."""
+    size, group, targets = _population_draw(np.random.default_rng([config.seed, index]))
+    return group, size, targets
+
+
 def sample_subject(config: PhantomConfig, index: int) -> Subject:
     """Deterministic per-subject parameters of exam `index` (rng seeded by [seed, index])."""
     rng = np.random.default_rng([config.seed, index])
-    size = rng.standard_normal()  # shared body-size factor (correlates the volumes)
-    heart, _ = phantom_heart.sample_heart(rng, config.frames, size)
-    planning = phantom_planes.sample_planning(rng, config.tilt_degrees)
-    heart_rate = phantom_heart.bounded(rng.standard_normal() - 0.3 * size, 51.0, 89.0)
+    size, group, targets = _population_draw(rng)
+    heart = phantom_heart.sample_heart(rng, config.frames, targets, group)
+    # Views centred on the heart (as the short-axis crop on the segmentation's bounding
+    # box), up to the planning jitter: short axis on the ventricles, 2ch and 3ch on the LV
+    # axis, 4ch between the LV's septum and the RA; along the long axis apex to atria.
+    extent = phantom_heart.heart_extent(heart)
+    middle = {key: (low + high) / 2 for key, (low, high) in extent.items()}
+    planning = phantom_planes.sample_planning(
+        rng,
+        config.tilt_degrees,
+        short_axis_centre=(middle["x"], 0.0),
+        long_axis_centre=[(0.0, middle["z"]), (0.0, middle["z"]), (-middle["x_4ch"], middle["z"])],
+        short_axis_jitter_mm=config.short_axis_jitter_mm,
+        long_axis_jitter_mm=config.long_axis_jitter_mm,
+    )
+    heart_rate = phantom_heart.bounded(
+        rng.standard_normal() - 0.3 * size + (0.6 if group == "dcm" else 0.0), 51.0, 89.0
+    )
     contrast = {
         "blood": rng.uniform(0.85, 1.0),
         "myocardium": rng.uniform(0.18, 0.3),
@@ -87,6 +154,7 @@ def sample_subject(config: PhantomConfig, index: int) -> Subject:
     truth = phantom_heart.true_phenotypes(heart, heart_rate)
     return Subject(
         eid=f"phantom-{config.seed}-{index:06d}",
+        group=group,
         heart=heart,
         planning=planning,
         heart_rate=heart_rate,
@@ -104,9 +172,14 @@ def exam_planes(config: PhantomConfig, subject: Subject) -> PlaneGeometry:
     depths = top - config.slice_spacing_mm * np.arange(len(layout.SHORT_AXIS_PLANES))
     return phantom_planes.concatenate(
         phantom_planes.long_axis_planes(
-            subject.planning, subject.heart.outflow_angle, config.size, config.fov_mm
+            subject.planning,
+            subject.heart.outflow_angle,
+            config.size,
+            config.view_fov_mm("long_axis"),
         ),
-        phantom_planes.short_axis_planes(subject.planning, depths, config.size, config.fov_mm),
+        phantom_planes.short_axis_planes(
+            subject.planning, depths, config.size, config.view_fov_mm("short_axis")
+        ),
     )
 
 
@@ -379,7 +452,9 @@ def render_short_axis_stack(
         apex = subject.heart.lv_epi.centre[0, 2] - subject.heart.lv_epi.semi_axes[0, 2]
         start_mm = apex / 2 + (num_slices - 1) / 2 * spacing
     depths = start_mm - spacing * np.arange(num_slices)
-    planes = phantom_planes.short_axis_planes(subject.planning, depths, config.size, config.fov_mm)
+    planes = phantom_planes.short_axis_planes(
+        subject.planning, depths, config.size, config.view_fov_mm("short_axis")
+    )
     index = int(subject.eid.rsplit("-", 1)[1])
     rng = np.random.default_rng([config.seed, index, 2])
     image, labels = render_planes(subject, planes, ("short_axis",) * num_slices, rng)

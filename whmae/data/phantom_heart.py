@@ -11,8 +11,18 @@ frame, cut by the base plane z = base_z[t] (which descends in systole, apex fixe
   LA, RA          atrial ellipsoids above the base plane (long axis along z)
 
 LV, myocardium and atrial volumes are exact (truncated ellipsoids, `cap_volume`); the RV
-is integrated numerically (`rv_blood_volume`, soft occupancy on a 1 mm grid, ~0.3 %).
+is integrated numerically (`rv_blood_volume`: a 2D integral of the exact y-extent, ~2e-4).
 Myocardial volume is constant over the cycle (the wall thickens as the pool empties).
+
+The population (`GROUPS`, `sample_group`, `sample_targets`): each subject is drawn from a
+mixture of 55 % healthy, 12 % dilated cardiomyopathy (large spherical LV, LVEF ~31 +- 7 %
+down to ~15 %, thin-normal wall, RVEF often reduced), 12 % hypertrophic cardiomyopathy
+(LV mass ~1.6 g per mL of LVEDV, wall ~13 mm, small-normal LV, LVEF ~66 %), 10 % RV dilation
+or dysfunction (RVEDV ~240 mL, RVEF ~39 %, large RA) and 11 % atrial enlargement (LA and RA
+~120 mL, LAEF ~40 %, RAEF ~31 %). Healthy centres and spreads follow UK Biobank reference
+ranges. A body-size draw scales every chamber and the LV mass; LV and RV ejection fractions
+are coupled; atria that are larger empty less. The heart is then built towards these targets
+(`sample_heart`), and `true_phenotypes` reads the exact values back from its geometry.
 """
 
 from __future__ import annotations
@@ -23,8 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-RV_GRID_MM = 1.0  # ground-truth RV integration step
-_RV_SOLVE_GRID_MM = 2.0  # coarser step while solving for the RV size
+RV_GRID_MM = 0.5  # ground-truth RV integration step (~2e-4 relative)
+_RV_SOLVE_GRID_MM = 1.0  # coarser step while solving for the RV size (~5e-4)
 
 
 class Ellipsoid(NamedTuple):
@@ -99,20 +109,25 @@ def _solve_wall(endo_axes, height, target_volume, apex_ratio):
 
 
 def rv_blood_volume(rv: Ellipsoid, lv_epi: Ellipsoid, base_z, frame: int, step=RV_GRID_MM):
-    """RV blood pool volume (mL) at one frame: soft occupancy summed on a grid of `step` mm."""
-    centre, axes = rv.centre[frame], rv.semi_axes[frame]
-    low = centre - axes - step
-    high = np.minimum(centre + axes, [np.inf, np.inf, base_z[frame]]) + step
-    low[1] = 0.0  # mirror symmetry in y: integrate y >= 0 and double
-    x, y, z = (np.arange(lo + step / 2, hi, step) for lo, hi in zip(low, high, strict=True))
-    x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
-    distance = np.maximum(
-        ellipsoid_distance(x, y, z, centre, axes),
-        -ellipsoid_distance(x, y, z, lv_epi.centre[frame], lv_epi.semi_axes[frame]),
-    )
-    distance = np.maximum(distance, z - base_z[frame])
-    occupancy = np.clip(0.5 - distance / step, 0.0, 1.0)
-    return 2.0 * occupancy.sum() * step**3 / 1000.0
+    """RV blood pool volume (mL) at one frame.
+
+    Both ellipsoids are centred on y = 0 with axes along x, y, z, so at each (x, z) the
+    RV blood is the y-interval |y| < y_rv(x, z) less |y| < y_lv(x, z): length
+    2 max(0, y_rv - y_lv). The volume is that length integrated over (x, z) below the base
+    plane (midpoint rule, `step` mm: 0.5 mm is exact to ~2e-4, 2 mm to ~2e-3).
+    """
+    (cx, _, cz), (a, b, c) = rv.centre[frame], rv.semi_axes[frame]
+    (lx, _, lz), (la, lb, lc) = lv_epi.centre[frame], lv_epi.semi_axes[frame]
+    bottom, top = cz - c, min(cz + c, base_z[frame])
+    if top <= bottom:
+        return 0.0
+    nx, nz = (max(math.ceil(extent / step), 1) for extent in (2 * a, top - bottom))
+    dx, dz = 2 * a / nx, (top - bottom) / nz
+    x = (cx - a + dx * (np.arange(nx) + 0.5))[:, None]
+    z = (bottom + dz * (np.arange(nz) + 0.5))[None, :]
+    y_rv = b * np.sqrt(np.maximum(1 - ((x - cx) / a) ** 2 - ((z - cz) / c) ** 2, 0.0))
+    y_lv = lb * np.sqrt(np.maximum(1 - ((x - lx) / la) ** 2 - ((z - lz) / lc) ** 2, 0.0))
+    return float(2.0 * np.maximum(y_rv - y_lv, 0.0).sum() * dx * dz / 1000.0)
 
 
 def _rv_ellipsoid(scale, anchor_x, base_z, shape, drop):
@@ -148,26 +163,127 @@ def bounded(u, low, high):
     return low + (high - low) / (1.0 + math.exp(-1.6 * u))
 
 
-def sample_heart(rng: np.random.Generator, frames: int, size: float) -> tuple[Heart, dict]:
-    """One subject's heart over `frames` frames; `size` is a standard normal body-size draw.
+def soft_clip(x: float, low: float, high: float, knee: float = 0.1) -> float:
+    """x unchanged in the middle of (low, high); within knee * (high - low) of either end
+    it saturates smoothly (tanh), so the result stays strictly inside the interval."""
+    width = knee * (high - low)
+    if x < low + width:
+        return low + width - width * math.tanh((low + width - x) / width)
+    if x > high - width:
+        return high - width + width * math.tanh((x - high + width) / width)
+    return x
 
-    Returns the Heart and the phenotype targets it was built towards (the true values
-    differ slightly: volumes are read at the sampled frames and the RV is solved to 0.1 %).
+
+class Group(NamedTuple):
+    """One population group: its share and the centres/spreads of its phenotype targets.
+
+    LVEDV = lv_edv * exp(0.19 z_lv) (z_lv: body size and the rest); LVEF = lv_ef + lv_ef_sd
+    * N (a little lower in larger LVs); LVM = lvm_per_edv * LVEDV * exp(lvm_sd N); RVEDV =
+    rv_per_lv * LVEDV * exp(rv_sd N); RVEF = rv_ef + rv_coupling * (LVEF - 58) + rv_ef_sd
+    * N; atrial maxima la, ra * exp(0.27 z) (z: body size and the rest); atrial EF la_ef,
+    ra_ef less 14 * ln(max / healthy max) (enlarged atria empty less) + 6.5 * N.
     """
-    e = rng.standard_normal(12)
-    u_lv_edv = 0.8 * size + 0.6 * e[0]
-    u_lv_ef = e[1]
+
+    share: float
+    label: str
+    lv_edv: float
+    lv_ef: float
+    lv_ef_sd: float
+    lvm_per_edv: float
+    lvm_sd: float
+    rv_per_lv: float
+    rv_sd: float
+    rv_ef: float
+    rv_coupling: float
+    rv_ef_sd: float
+    la: float
+    la_ef: float
+    ra: float
+    ra_ef: float
+    elongation: tuple[float, float]  # LV length / diameter at ED (lower: more spherical)
+
+
+# The phantom population (module docstring). Healthy centres follow UK Biobank reference
+# ranges (Petersen et al., JCMR 2017; men and women pooled):
+# LVEDV ~148 +- 30 mL, LVEF ~58 +- 5.5 %, LVM ~0.6 g/mL of LVEDV, RVEDV ~1.07 LVEDV,
+# RVEF ~56 +- 5 %, LAV max ~70 mL with LAEF ~60 %, RAV max ~80 mL with RAEF ~47 %.
+GROUPS = {
+    "healthy": Group(0.55, "healthy",
+                     148, 58, 5.5, 0.60, 0.13, 1.07, 0.09, 56, 0.5, 4.5,
+                     68, 60, 80, 47, (1.6, 2.0)),
+    # Dilated cardiomyopathy: large, spherical LV, EF down to ~20 %, eccentric remodelling
+    # (mass up, wall thin-normal), RV function often reduced, functional MR (LA up).
+    "dcm": Group(0.12, "dilated cardiomyopathy",
+                 240, 32, 7.0, 0.50, 0.15, 0.80, 0.15, 56, 0.6, 6.0,
+                 95, 52, 92, 45, (1.35, 1.7)),
+    # Hypertrophic cardiomyopathy: thick wall, high mass, small-normal LV, normal-high EF,
+    # LA enlarged by diastolic dysfunction.
+    "hcm": Group(0.12, "hypertrophic cardiomyopathy",
+                 125, 67, 5.5, 1.60, 0.20, 1.05, 0.10, 57, 0.4, 4.5,
+                 88, 55, 82, 47, (1.6, 2.0)),
+    # RV dilation or dysfunction (pulmonary hypertension, ARVC, TR): large RV, low RVEF,
+    # RA enlarged, LV a little smaller.
+    "rv": Group(0.10, "RV dilation / dysfunction",
+                135, 56, 6.0, 0.60, 0.13, 1.75, 0.18, 40, 0.2, 7.0,
+                66, 60, 118, 42, (1.6, 2.0)),
+    # Atrial enlargement (AF, valve disease): large LA and RA, low atrial EF.
+    "atrial": Group(0.11, "atrial enlargement",
+                    146, 57, 6.0, 0.60, 0.13, 1.07, 0.09, 55, 0.5, 5.0,
+                    118, 48, 122, 37, (1.6, 2.0)),
+}  # fmt: skip
+GROUP_NAMES = tuple(GROUPS)
+# Hard limits of the targets (soft_clip): inside what the geometry below builds exactly.
+TARGET_LIMITS = {
+    "lv_edv": (55.0, 460.0),
+    "lv_ef": (12.0, 82.0),
+    "lvm": (40.0, 340.0),
+    "rv_edv": (55.0, 460.0),
+    "rv_ef": (15.0, 76.0),
+    "la_max": (25.0, 230.0),
+    "la_ef": (10.0, 78.0),
+    "ra_max": (25.0, 250.0),
+    "ra_ef": (8.0, 72.0),
+}
+
+
+def sample_group(rng: np.random.Generator) -> str:
+    """One subject's population group, drawn with the GROUPS shares."""
+    shares = np.array([g.share for g in GROUPS.values()])
+    index = int(np.searchsorted(np.cumsum(shares) / shares.sum(), rng.random(), side="right"))
+    return GROUP_NAMES[min(index, len(GROUP_NAMES) - 1)]
+
+
+def sample_targets(rng: np.random.Generator, size: float, group: str) -> dict[str, float]:
+    """Phenotype targets of one subject of `group`; `size` is a standard normal body-size
+    draw shared by all chambers (volumes and mass grow with it)."""
+    g = GROUPS[group]
+    e = [soft_clip(x, -2.75, 2.75) for x in rng.standard_normal(9)]  # no 3-sigma outliers
+    z_lv = 0.65 * size + 0.76 * e[0]
+    lv_edv = g.lv_edv * math.exp(0.19 * z_lv)
+    lv_ef = g.lv_ef + g.lv_ef_sd * (-0.2 * z_lv + 0.98 * e[1])
+    la_max = g.la * math.exp(0.27 * (0.45 * size + 0.89 * e[5]))
+    ra_max = g.ra * math.exp(0.27 * (0.45 * size + 0.89 * e[7]))
+    healthy = GROUPS["healthy"]
     targets = {
-        "lv_edv": bounded(u_lv_edv, 102.0, 216.0),
-        "lv_ef": bounded(u_lv_ef, 51.0, 69.0),
-        "lvm": bounded(0.6 * size + 0.8 * e[2], 72.0, 176.0),
-        "rv_edv": bounded(0.75 * u_lv_edv + 0.66 * e[3], 113.0, 235.0),
-        "rv_ef": bounded(0.4 * u_lv_ef + 0.92 * e[4], 46.5, 64.0),
-        "la_max": bounded(0.4 * size + 0.92 * e[5], 42.0, 107.0),
-        "la_ef": bounded(e[6], 47.0, 69.0),
-        "ra_max": bounded(0.4 * size + 0.92 * e[7], 42.0, 117.0),
-        "ra_ef": bounded(e[8], 36.5, 59.0),
+        "lv_edv": lv_edv,
+        "lv_ef": lv_ef,
+        "lvm": g.lvm_per_edv * lv_edv * math.exp(g.lvm_sd * e[2]),
+        "rv_edv": g.rv_per_lv * lv_edv * math.exp(g.rv_sd * e[3]),
+        "rv_ef": g.rv_ef + g.rv_coupling * (lv_ef - healthy.lv_ef) + g.rv_ef_sd * e[4],
+        "la_max": la_max,
+        "la_ef": g.la_ef - 14.0 * math.log(la_max / healthy.la) + 6.5 * e[6],
+        "ra_max": ra_max,
+        "ra_ef": g.ra_ef - 14.0 * math.log(ra_max / healthy.ra) + 6.5 * e[8],
     }
+    return {name: soft_clip(value, *TARGET_LIMITS[name]) for name, value in targets.items()}
+
+
+def sample_heart(
+    rng: np.random.Generator, frames: int, targets: dict[str, float], group: str = "healthy"
+) -> Heart:
+    """One subject's heart over `frames` frames, built towards the phenotype `targets`
+    (`sample_targets`; the true values differ slightly: volumes are read at the sampled
+    frames and the RV is solved to 0.1 %)."""
     phase = np.arange(frames) / frames
     # ES and the atrial peaks fall on frames, so the sampled cycle reaches its targets.
     es_phase = max(round(rng.uniform(0.30, 0.40) * frames), 1) / frames
@@ -186,7 +302,7 @@ def sample_heart(rng: np.random.Generator, frames: int, size: float) -> tuple[He
 
     # LV endocardium: truncated kappa*c above the centre; length/diameter ratio at ED.
     kappa = rng.uniform(0.3, 0.45)
-    elongation = rng.uniform(1.6, 2.0)
+    elongation = rng.uniform(*GROUPS[group].elongation)
     ellipticity = rng.uniform(0.92, 1.08)
     long_shortening = rng.uniform(0.84, 0.92)
     apex_ratio = rng.uniform(0.6, 0.85)
@@ -276,7 +392,33 @@ def sample_heart(rng: np.random.Generator, frames: int, size: float) -> tuple[He
         volumes=volumes,
         es_frame=es_frame,
     )
-    return heart, targets
+    return heart
+
+
+def heart_extent(heart: Heart) -> dict[str, tuple[float, float]]:
+    """Heart-frame extent (mm, over the cycle) of what the views must hold: "x" and "y" of
+    the ventricles (short axis), "z" from the lower apex to the top of the atria, and
+    "x_4ch" across the 4ch view (LV, RV, LA and RA)."""
+    epi, rv = heart.lv_epi, heart.rv
+    x = (
+        float((epi.centre[:, 0] - epi.semi_axes[:, 0]).min()),  # the RV starts inside the LV
+        float(max((epi.centre[:, 0] + epi.semi_axes[:, 0]).max(),
+                  (rv.centre[:, 0] + rv.semi_axes[:, 0]).max())),
+    )  # fmt: skip
+    y = float(max(epi.semi_axes[:, 1].max(), rv.semi_axes[:, 1].max()))
+    bottom = min((epi.centre[:, 2] - epi.semi_axes[:, 2]).min(),
+                 (rv.centre[:, 2] - rv.semi_axes[:, 2]).min())  # fmt: skip
+    top = max((a.centre[:, 2] + a.semi_axes[:, 2]).max() for a in (heart.la, heart.ra))
+    atria_x = (
+        (heart.la.centre[:, 0] - heart.la.semi_axes[:, 0]).min(),
+        (heart.ra.centre[:, 0] + heart.ra.semi_axes[:, 0]).max(),
+    )
+    return {
+        "x": x,
+        "y": (-y, y),
+        "z": (float(bottom), float(top)),
+        "x_4ch": (float(min(x[0], atria_x[0])), float(max(x[1], atria_x[1]))),
+    }
 
 
 def true_phenotypes(heart: Heart, heart_rate: float) -> dict[str, float]:

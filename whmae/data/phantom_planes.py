@@ -102,8 +102,20 @@ def _random_rotation_vector(rng: np.random.Generator, max_degrees: float) -> np.
     return direction * math.radians(rng.uniform(0.0, max_degrees))
 
 
-def sample_planning(rng: np.random.Generator, tilt_degrees: float = 4.0) -> Planning:
-    """Heart pose in the chest and the planning of the views for one subject."""
+def sample_planning(
+    rng: np.random.Generator,
+    tilt_degrees: float = 4.0,
+    short_axis_centre=(12.0, 0.0),
+    long_axis_centre=((0.0, -10.0), (0.0, -10.0), (-15.0, -10.0)),
+    short_axis_jitter_mm: float = 8.0,
+    long_axis_jitter_mm: float = 8.0,
+) -> Planning:
+    """Heart pose in the chest and the planning of the views for one subject.
+
+    short_axis_centre: heart-frame (x, y) the short-axis images are centred on;
+    long_axis_centre: per long-axis view (2ch, 3ch, 4ch) the in-plane (across, along z)
+    centre. Each is shifted by up to the view's jitter (mm, uniform), as a planner would.
+    """
     # LV long axis points apex-wards to the left, anteriorly and inferiorly.
     apex = np.array([-0.55, 0.5, -0.67])
     base = -apex / np.linalg.norm(apex)
@@ -116,11 +128,11 @@ def sample_planning(rng: np.random.Generator, tilt_degrees: float = 4.0) -> Plan
     return Planning(
         rotation=rotation,
         origin=np.array([-5.0, 10.0, 15.0]) + rng.uniform(-10, 10, 3),
-        short_axis_centre=np.array([12.0, 0.0]) + rng.uniform(-8, 8, 2),
+        short_axis_centre=np.asarray(short_axis_centre, np.float64)
+        + rng.uniform(-short_axis_jitter_mm, short_axis_jitter_mm, 2),
         short_axis_top=-rng.uniform(8.0, 16.0),
-        # Views centred between the chambers: 2ch/3ch on the LV axis, 4ch towards the RV.
-        long_axis_centre=np.array([[0.0, -10.0], [0.0, -10.0], [-15.0, -10.0]])
-        + rng.uniform(-8, 8, (3, 2)),
+        long_axis_centre=np.asarray(long_axis_centre, np.float64)
+        + rng.uniform(-long_axis_jitter_mm, long_axis_jitter_mm, (3, 2)),
         in_plane_angle=np.radians(rng.uniform(-15, 15, 4)),
         tilt=np.stack([_random_rotation_vector(rng, tilt_degrees) for _ in range(4)]),
     )
