@@ -16,9 +16,9 @@ What is measured and what is calculated:
             parameter / optimizer bytes per device from the shard shapes.
   caveat    the program is compiled by the CPU backend: a GPU or TPU compiler fuses
             differently (cuDNN / Pallas attention never holds the [B, heads, N, N] scores
-            that XLA:CPU keeps), so temporaries are an estimate, usually high. Compiling
-            for the real TPU topology (`jax.experimental.topologies`) needs libtpu; the
-            attempt and its outcome are recorded in the JSON.
+            that XLA:CPU keeps), so temporaries are an estimate, usually high. For TPU
+            slices use benchmarks/tpu_compile.py (the real TPU compiler via libtpu, the
+            `tpu-compile` extra); whether libtpu loads here is recorded in the JSON.
   fit       per-device total = arguments + outputs + temporaries - aliased, against 90 %
             of the device memory (runtime and fragmentation reserve).
 Results: DIR/memory_fit.json and DIR/memory_fit.md.
