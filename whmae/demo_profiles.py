@@ -88,7 +88,13 @@ GPU = Profile(
         "optim.lr": 5e-4,
         "optim.warmup_steps": 200,
     },  # fmt: skip
-    phenotype={"data.batch_size": 32, "data.worker_count": 8},
+    # The real ResNet50 (ImageNet stem, full widths) at 128 x 128, as in the paper.
+    phenotype={
+        "data.batch_size": 32,
+        "data.worker_count": 8,
+        "model.resnet.stem": "imagenet",
+        "model.resnet.widths": [64, 128, 256, 512],
+    },  # fmt: skip
     segmentation={"data.batch_size": 8, "data.worker_count": 8},
 )
 

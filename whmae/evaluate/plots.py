@@ -6,6 +6,7 @@ Each function draws one PNG and returns its path; images are [H, W] in [0, 1].
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from whmae.layout import CLASS_NAMES, NUM_CLASSES  # noqa: E402
 
 __all__ = [
     "bland_altman_panels",
-    "reconstruction_grid",
+    "reconstruction_figure",
     "scatter_panels",
     "segmentation_overlay",
     "tsne_panels",
@@ -55,23 +56,43 @@ def _panels(count: int, size: float = 3.0):
     return fig, axes.flat
 
 
-def reconstruction_grid(
-    path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], title: str = ""
+def reconstruction_figure(
+    path,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    images: Sequence[Sequence],
+    title: str = "",
+    size: float = 1.9,
 ) -> Path:
-    """One row per (label, truth, masked input, reconstruction), each [H, W] in [0, 1]."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
-    for i, (label, *images) in enumerate(rows):
-        for j, (image, name) in enumerate(
-            zip(images, ("ground truth", "masked input", "reconstruction"), strict=True)
-        ):
+    """A table of greyscale panels: images[r][c] is an [H, W] array in [0, 1], an
+    (array, caption) pair (caption under the panel), or a str (an empty panel saying
+    why); `rows` label the rows on the left, `columns` head the columns."""
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(size * len(columns), size * len(rows) + 0.6),
+        squeeze=False,
+    )  # fmt: skip
+    for i, row in enumerate(images):
+        for j, cell in enumerate(row):
             ax = axes[i, j]
-            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_xticks([]), ax.set_yticks([])
+            if isinstance(cell, str):
+                ax.text(0.5, 0.5, cell, ha="center", va="center", fontsize=7, color="0.4",
+                        transform=ax.transAxes)  # fmt: skip
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+            else:
+                image, caption = cell if isinstance(cell, tuple) else (cell, "")
+                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                if caption:
+                    ax.set_xlabel(caption, fontsize=7)
             if i == 0:
-                ax.set_title(name)
+                ax.set_title(columns[j], fontsize=8)
             if j == 0:
-                ax.set_ylabel(label)
-    fig.suptitle(title)
+                ax.set_ylabel(rows[i], fontsize=8)
+    # Wrap the title to the figure's width (~26 characters of 8 pt text per column).
+    width = max(40, int(26 * len(columns)))
+    lines = [textwrap.fill(line, width) for line in title.split("\n")]
+    fig.suptitle("\n".join(lines), fontsize=8)
     return _save(fig, path)
 
 

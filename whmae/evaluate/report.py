@@ -82,7 +82,11 @@ def _images(metrics: Mapping) -> list[str]:
         return [f for p in metrics.get("plots", {}).values() for f in p.values()]
     if task == "representation":
         return [e["tsne"]["plot"] for e in models.values() if e.get("tsne")]
-    return [f for e in models.values() for f in e.get("plots", [])]
+    # Reconstruction: the three MAEs side by side on one exam first, then each model's.
+    comparison = (metrics.get("figure") or {}).get("comparison")
+    return [comparison] * bool(comparison) + [
+        f for e in models.values() for f in e.get("plots", [])
+    ]
 
 
 def render_section(metrics_path: Path, report_dir: Path) -> str:

@@ -206,6 +206,9 @@ def build_regressor(config: Any, rngs: nnx.Rngs, mean=None, std=None) -> nnx.Mod
             widths=tuple(m.resnet.widths),
             blocks=tuple(m.resnet.blocks),
             groups=int(m.resnet.groups),
+            # Configs written before these fields existed: the original stem.
+            stem=str(m.resnet.get("stem", "imagenet")),
+            stem_stride=int(m.resnet.get("stem_stride", 2)),
             mean=mean,
             std=std,
             rngs=rngs,
