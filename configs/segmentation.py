@@ -7,13 +7,24 @@ VARIANT is comma-separated tokens (see `whmae.tasks.config`), e.g. `paper`, `tin
                  decoder with 128 channels per plane token (1152 / 9), skips from encoder
                  blocks 1 and 3 plus the final normed output, Dice + CE
   tiny           CPU: `configs/pretrain.py:tiny`'s encoder (2 blocks: skips 0 and 1),
-                 16 channels per plane token, stage widths 16
+                 16 channels per plane token
   probe          frozen encoder (also `--config.mode=probe`): only the decoder trains
   finetune       everything trains (default)
   unetr_scratch  the same network without pretrained init (the UNETR+ baseline)
   sa_only / la_only   short-axis / long-axis planes only (segments only those)
 
-`model.unetr.channels` has one width per upsampling stage (3 for 8x8 patches).
+`model.unetr` (see `whmae.tasks.segmentation`):
+  per_plane       False: the reference's planes folded into channels; True: every plane
+                  decoded on its own (planes in the batch, shared weights, own feature
+                  maps at every stage: ~4x the tiny decoder's CPU time per step)
+  token_channels  channels per plane token after the projection
+  channels        one width per upsampling stage (3 for 8x8 patches), coarse first; per
+                  plane when per_plane, for all planes together otherwise
+  image_channels  width of the full-resolution image skip
+  refine_channels per-plane full-resolution refinement: the last features split into this
+                  many channels per plane, joined by the plane's image, 3x3x3 conv ->
+                  logit correction (0: off)
+  skip_blocks     encoder blocks whose outputs feed the coarser stages
 """
 
 import ml_collections
@@ -29,14 +40,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config("segmentation", tokens)
     if tiny:
         c.model.unetr = dict(
-            token_channels=16, channels=[16, 16, 16], image_channels=8, skip_blocks=[0, 1]
+            per_plane=False,
+            token_channels=16,
+            channels=[16, 16, 16],
+            image_channels=8,
+            refine_channels=4,
+            skip_blocks=[0, 1],
         )
         c.data.batch_size = 8
         c.optim.lr = 3e-3
         c.optim.probe_lr = 3e-3
     else:
         c.model.unetr = dict(
-            token_channels=128, channels=[256, 128, 64], image_channels=32, skip_blocks=[1, 3]
+            per_plane=False,
+            token_channels=128,
+            channels=[256, 128, 64],
+            image_channels=32,
+            refine_channels=8,
+            skip_blocks=[1, 3],
         )
         c.data.batch_size = 8
     if "unetr_scratch" in tokens:

@@ -364,7 +364,9 @@ def test_report_merges_the_results_with_working_links(reconstruction_run, repres
     assert sections == ["## Reconstruction", "## Phenotypes", "## Representation"]
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines()
              if line.startswith("![")]  # fmt: skip
-    assert len(links) == 2 + 2 + 1
+    # reconstruction: the side-by-side comparison + one per model; phenotypes 2; t-SNE 1
+    assert len(links) == 1 + 2 + 2 + 1
+    assert sum("comparison" in link for link in links) == 1
     for link in links:
         assert (out.parent / link).is_file()
     assert "| LVM (g) | 1.000 | 10.000 |" in text  # MAE of good, then the mean guess

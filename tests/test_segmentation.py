@@ -15,7 +15,7 @@ from flax import nnx
 
 from whmae.data.pipeline import make_pipeline
 from whmae.finetune import finetune
-from whmae.layout import LA_3CH, NUM_CLASSES, NUM_PLANES
+from whmae.layout import LA_2CH, LA_3CH, LA_4CH, NUM_CLASSES, NUM_PLANES, PLANE_CLASSES
 from whmae.model.io import save_model
 from whmae.model.mae import MaskedAutoencoder, tiny_config
 from whmae.tasks.config import load_config_file
@@ -23,10 +23,12 @@ from whmae.tasks.predict import load_finetuned, predict_segmentation
 from whmae.tasks.segmentation import (
     Conv1x1x1,
     Conv3x3x3,
-    PatchConvTranspose,
+    PlaneRefine,
     SegmentationModel,
+    UNETRDecoder,
     segmentation_loss_values,
     stage_factors,
+    upsample_linear,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,8 @@ def model_and_forward():
     return model, lambda images, mask: np.asarray(forward(state, images, mask))
 
 
-@pytest.mark.parametrize("factor", [(5, 2, 2), (1, 2, 2), (2, 3, 1)])
-def test_fast_convolutions_equal_flax_convolutions_with_the_same_parameters(factor):
-    """The decoder's CPU-friendly layers compute exactly what nnx.Conv / ConvTranspose do."""
+def test_fast_convolutions_equal_flax_convolutions_with_the_same_parameters():
+    """The decoder's CPU-friendly layers compute exactly what nnx.Conv does."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 4, 6, 5, 3)), jnp.float32)
     fast = Conv3x3x3(3, 7, use_bias=True, rngs=nnx.Rngs(1))
@@ -66,13 +67,55 @@ def test_fast_convolutions_equal_flax_convolutions_with_the_same_parameters(fact
     nnx.update(reference, nnx.state(pointwise))
     np.testing.assert_allclose(pointwise(x), reference(x), rtol=1e-5, atol=1e-5)
 
-    up = PatchConvTranspose(3, 4, factor, rngs=nnx.Rngs(3))
-    up.bias[...] = jnp.asarray(rng.standard_normal(4), jnp.float32)
-    reference = nnx.ConvTranspose(3, 4, factor, factor, padding="VALID", rngs=nnx.Rngs(4))
-    nnx.update(reference, nnx.state(up))
-    out = up(x)
-    assert out.shape == (2, 4 * factor[0], 6 * factor[1], 5 * factor[2], 4)
-    np.testing.assert_allclose(out, reference(x), rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("factor", [(5, 2, 2), (1, 2, 2), (2, 3, 1), (1, 8, 8)])
+def test_upsampling_is_linear_interpolation(factor):
+    """Equal to jax.image.resize's linear interpolation (half-pixel centres, edges held),
+    so a linear ramp stays a ramp: no blocks, no lattice at the patch period."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 5, 2)), jnp.float32)
+    out = upsample_linear(x, factor)
+    shape = (2, 3 * factor[0], 4 * factor[1], 5 * factor[2], 2)
+    np.testing.assert_allclose(out, jax.image.resize(x, shape, "linear"), atol=1e-5)
+    ramp = jnp.arange(6, dtype=jnp.float32).reshape(1, 1, 1, 6, 1)
+    steps = np.diff(np.asarray(upsample_linear(ramp, (1, 1, 4)))[0, 0, 0, :, 0])
+    np.testing.assert_allclose(steps[2:-2], 0.25, atol=1e-6)  # uniform away from the edges
+
+
+def _lattice_power(x, period: int, axis: int) -> float:
+    """Spectral power of x along `axis` at the harmonics of `period` over the mean power
+    of their neighbouring frequencies (summed over everything else; Hann window). A
+    pattern repeating every `period` pixels peaks there (>> 1); a smooth signal does not."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    n = x.shape[-1]
+    x = (x - x.mean(-1, keepdims=True)) * np.hanning(n)
+    power = (np.abs(np.fft.rfft(x, axis=-1)) ** 2).reshape(-1, n // 2 + 1).sum(0)
+    harmonics = range(n // period, n // 2, n // period)
+    return float(sum(power[k] for k in harmonics)
+                 / sum(0.5 * (power[k - 1] + power[k + 1]) for k in harmonics))  # fmt: skip
+
+
+@pytest.mark.parametrize("per_plane", [True, False])
+def test_decoder_output_has_no_lattice_at_the_patch_period(per_plane):
+    """Random weights, smooth features in: no periodic component at the patch period in
+    the logits (kernel = stride transposed convs give each offset in a patch its own
+    kernel tap, a lattice at the patch period: ratios ~2 with these weights; linear
+    interpolation then convs: ~0.7)."""
+    encoder = tiny_config()
+    decoder = UNETRDecoder(encoder, token_channels=8, channels=(8, 8, 8), image_channels=4,
+                           num_skips=2, per_plane=per_plane, rngs=nnx.Rngs(0))  # fmt: skip
+    s, t, h, w = encoder.grid
+    grid = np.stack(np.meshgrid(*(np.linspace(0, 1, n) for n in (s, t, h, w)), indexing="ij"))
+    rng = np.random.default_rng(1)
+    mixing = rng.standard_normal((3, 4, encoder.width))
+    smooth = [jnp.asarray(np.sin(2 + 1.5 * np.einsum("kshtw,kd->shtwd", grid, m))
+                          .reshape(1, -1, encoder.width), jnp.float32) for m in mixing]  # fmt: skip
+    images = jnp.zeros((1, s, encoder.frames, encoder.image_size, encoder.image_size))
+    logits = np.asarray(decoder(smooth[0], smooth[1:], images))
+    _, ph, pw = encoder.patch_size
+    for axis, period in ((3, ph), (4, pw)):
+        ratio = _lattice_power(logits, period, axis)
+        assert ratio < 1.0, (axis, ratio)
 
 
 def test_head_segments_all_planes_and_frames_at_full_resolution(model_and_forward):
@@ -91,6 +134,91 @@ def test_head_segments_all_planes_and_frames_at_full_resolution(model_and_forwar
     # A present plane's pixels do matter, also for the other planes (planes share channels).
     changed[1, 5] = 255 - changed[1, 5]
     assert not np.allclose(forward(changed, mask)[1, 0], logits[1, 0], atol=1e-4)
+
+
+def test_per_plane_decoding_keeps_planes_apart():
+    """per_plane: a plane's logits depend on its own tokens and image only (the encoder
+    mixes planes; the decoder does not). The refinement sees only its plane's image."""
+    encoder = tiny_config()
+    decoder = UNETRDecoder(encoder, token_channels=8, channels=(8, 8, 8), image_channels=4,
+                           num_skips=2, per_plane=True, refine_channels=2,
+                           rngs=nnx.Rngs(0))  # fmt: skip
+    s, t, h, w = encoder.grid
+    rng = np.random.default_rng(0)
+    tokens = [rng.standard_normal((1, s, t * h * w, encoder.width)).astype(np.float32)
+              for _ in range(3)]  # fmt: skip
+    images = rng.random((1, s, encoder.frames, SIZE, SIZE)).astype(np.float32)
+
+    def run(tokens, images):
+        flat = [jnp.asarray(x.reshape(1, -1, encoder.width)) for x in tokens]
+        return np.asarray(decoder(flat[0], flat[1:], jnp.asarray(images)))
+
+    base = run(tokens, images)
+    changed_tokens = [x.copy() for x in tokens]
+    for x in changed_tokens:
+        x[0, 4] += 1.0
+    changed_images = images.copy()
+    changed_images[0, 4] = 1 - changed_images[0, 4]
+    for out in (run(changed_tokens, images), run(tokens, changed_images)):
+        others = [p for p in range(s) if p != 4]
+        np.testing.assert_allclose(out[0, others], base[0, others], atol=1e-5)
+        assert not np.allclose(out[0, 4], base[0, 4], atol=1e-3)
+
+    refine = PlaneRefine(6, s, 2, rngs=nnx.Rngs(1))
+    refine.out.kernel[...] = jnp.asarray(rng.standard_normal(refine.out.kernel.shape),
+                                         jnp.float32)  # fmt: skip
+    features = jnp.asarray(rng.standard_normal((1, encoder.frames, SIZE, SIZE, 6)), jnp.float32)
+    base = np.asarray(refine(features, jnp.asarray(images)))
+    out = np.asarray(refine(features, jnp.asarray(changed_images)))
+    np.testing.assert_allclose(out[0, others], base[0, others], atol=1e-5)
+    assert not np.allclose(out[0, 4], base[0, 4], atol=1e-3)
+
+
+def test_a_plane_never_predicts_a_class_it_cannot_hold():
+    """Per-view classes: even a head biased towards every class gives short-axis planes
+    only background/LV/Myo/RV, la_2ch only background/LA, la_4ch background/LA/RA."""
+    model = SegmentationModel(tiny_config(), **SMALL, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.integers(0, 256, (1, NUM_PLANES, T, SIZE, SIZE), dtype=np.uint8))
+    mask = jnp.ones((1, NUM_PLANES), bool)
+    for favoured in range(NUM_CLASSES):
+        bias = np.zeros(NUM_CLASSES, np.float32)
+        bias[favoured] = 1e4  # every pixel's raw favourite is this class
+        repeats = model.decoder.head.bias.shape[0] // NUM_CLASSES  # folded: plane-major
+        model.decoder.head.bias[...] = jnp.asarray(np.tile(bias, repeats))
+        pred = np.asarray(model(images, mask).argmax(-1))
+        for plane in range(NUM_PLANES):
+            found = set(np.unique(pred[0, plane]).tolist())
+            assert found <= set(PLANE_CLASSES[plane]), (favoured, plane, found)
+            if favoured in PLANE_CLASSES[plane]:
+                assert found == {favoured}
+    assert PLANE_CLASSES[LA_2CH] == (0, 4) and PLANE_CLASSES[LA_4CH] == (0, 4, 5)
+    assert all(PLANE_CLASSES[p] == (0, 1, 2, 3) for p in range(3, NUM_PLANES))
+
+
+def test_loss_ignores_logits_of_classes_a_plane_cannot_hold():
+    """Dice and CE see only the allowed classes of each plane: raising a disallowed
+    class's logit changes neither the loss nor its gradient's finiteness."""
+    allowed = np.array([[c in PLANE_CLASSES[p] for c in range(NUM_CLASSES)]
+                        for p in range(NUM_PLANES)])  # fmt: skip
+    rng = np.random.default_rng(4)
+    labels = np.stack([rng.choice(PLANE_CLASSES[p], (B, 2, 6, 6)) for p in range(NUM_PLANES)], 1)
+    logits = rng.normal(size=(*labels.shape, NUM_CLASSES)).astype(np.float32)
+    weight = np.ones((B, NUM_PLANES), np.float32)
+
+    def loss(x):
+        return segmentation_loss_values(jnp.asarray(x), jnp.asarray(labels), weight, allowed)[0]
+
+    base = float(loss(logits))
+    shifted = logits + 20.0 * ~allowed[None, :, None, None, None, :]
+    assert float(loss(shifted)) == pytest.approx(base, abs=1e-5)
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(logits)))
+    assert np.isfinite(grad).all()
+    disallowed = np.broadcast_to(~allowed[None, :, None, None, None, :], grad.shape)
+    assert np.all(grad[disallowed] == 0) and np.abs(grad[~disallowed]).max() > 0
+    # Perfect allowed-class logits give zero loss.
+    perfect = 50.0 * np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    assert float(loss(perfect)) == pytest.approx(0.0, abs=1e-4)
 
 
 def _loss_case(seed=0):
@@ -176,3 +304,5 @@ def test_finetuning_lowers_the_loss_and_predictions_read_back(segmentation_run, 
     logits = model(jnp.asarray(exams["images"]), jnp.asarray(exams["plane_mask"]))
     # The same model outside jit and sharding: the same classes (float ties aside).
     assert np.mean(result["pred"] == np.asarray(logits.argmax(-1))) > 0.999
+    for plane in range(NUM_PLANES):  # per-view classes, also after a few steps
+        assert set(np.unique(result["pred"][:, plane]).tolist()) <= set(PLANE_CLASSES[plane])

@@ -27,10 +27,11 @@ class Profile:
     num_exams: int
     image_size: int
     frames: int
-    # Field of view (mm) of the short-axis and long-axis planes: chosen so the heart fills
-    # about as much of the image as in the real 128 x 128 crop at ~1.8 mm (whmae.data.phantom).
-    short_axis_fov_mm: float
-    long_axis_fov_mm: float
+    # Field of view (mm) of the short-axis and long-axis planes; None: the phantom's
+    # default for the size (`whmae.data.phantom.default_fov_mm`: the heart fills about as
+    # much of the image as in the real 128 x 128 crop at ~1.8 mm, 140 / 210 mm at 32 px).
+    short_axis_fov_mm: float | None
+    long_axis_fov_mm: float | None
     steps: dict[str, int]  # pretrain, phenotype, segmentation
     # MAEConfig fields on top of configs/pretrain.py:tiny's model (all profiles start there).
     model: dict[str, Any]
@@ -46,9 +47,9 @@ CPU = Profile(
     num_exams=2000,
     image_size=32,
     frames=10,
-    short_axis_fov_mm=210.0,
-    long_axis_fov_mm=210.0,
-    steps={"pretrain": 800, "phenotype": 400, "segmentation": 100},
+    short_axis_fov_mm=None,
+    long_axis_fov_mm=None,
+    steps={"pretrain": 800, "phenotype": 300, "segmentation": 300},
     model={},
     pretrain={},
     phenotype={"data.batch_size": 32},
@@ -64,8 +65,8 @@ GPU = Profile(
     num_exams=6000,
     image_size=128,
     frames=50,
-    short_axis_fov_mm=210.0,
-    long_axis_fov_mm=210.0,
+    short_axis_fov_mm=None,
+    long_axis_fov_mm=None,
     steps={"pretrain": 4000, "phenotype": 1500, "segmentation": 1500},
     model=dict(
         patch_size=(25, 8, 8),
@@ -95,7 +96,13 @@ GPU = Profile(
         "model.resnet.stem": "imagenet",
         "model.resnet.widths": [64, 128, 256, 512],
     },  # fmt: skip
-    segmentation={"data.batch_size": 8, "data.worker_count": 8},
+    segmentation={
+        "data.batch_size": 8,
+        "data.worker_count": 8,
+        "model.unetr.token_channels": 64,
+        "model.unetr.channels": [128, 64, 32],
+        "model.unetr.image_channels": 16,
+    },  # fmt: skip
 )
 
 PROFILES = {p.name: p for p in (CPU, GPU)}

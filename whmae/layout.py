@@ -34,6 +34,15 @@ NUM_CLASSES = len(CLASS_NAMES)
 BACKGROUND, LV_BLOOD_POOL, LV_MYOCARDIUM, RV_BLOOD_POOL, LA, RA = range(NUM_CLASSES)
 SHORT_AXIS_CLASSES = (LV_BLOOD_POOL, LV_MYOCARDIUM, RV_BLOOD_POOL)
 LONG_AXIS_CLASSES = (LA, RA)
+# The classes each plane's segmentation can hold, background included (UK Biobank label
+# files: seg_sa 1-3 -> LV, Myo, RV; seg_la_2ch 1 -> LA; seg_la_4ch 1, 2 -> LA, RA). The
+# unlabelled 3ch view shows the LA but not the RA. Segmentation models predict only these.
+PLANE_CLASSES = (
+    (BACKGROUND, LA),
+    (BACKGROUND, LA),
+    (BACKGROUND, LA, RA),
+    *((BACKGROUND, *SHORT_AXIS_CLASSES),) * len(SHORT_AXIS_PLANES),
+)
 
 # Exact UK Biobank column names, in the order of the `phenotypes` vector.
 PHENOTYPE_COLUMNS = (
@@ -63,6 +72,12 @@ PAPER_PHENOTYPES = ("LVM (g)", "RVEF (%)", "RAEF (%)", "RVEDV (mL)", "LASV (mL)"
 
 def is_short_axis(plane: int) -> bool:
     return plane in SHORT_AXIS_PLANES
+
+
+def plane_class_mask(planes=tuple(range(NUM_PLANES))) -> tuple[tuple[bool, ...], ...]:
+    """[len(planes)][NUM_CLASSES]: True where the class can occur in the plane
+    (`PLANE_CLASSES`)."""
+    return tuple(tuple(c in PLANE_CLASSES[p] for c in range(NUM_CLASSES)) for p in planes)
 
 
 def phenotype_index(column: str) -> int:

@@ -11,8 +11,9 @@ the padding dropped), in dataset order. Results are numpy:
 predict_phenotypes -> eid str [N]; columns tuple[str] (K); pred float32 [N, K] in
   physical units; target float32 [N, K] (NaN = missing); train_mean float32 [K] (the
   train split's means the model standardised with: the mean-guess baseline).
-predict_segmentation -> eid [N]; pred uint8 [N, 9, T, H, W] (argmax class; planes the
-  model does not segment are 0); labels uint8 [N, 9, T, H, W]; label_mask bool [N, 9]
+predict_segmentation -> eid [N]; pred uint8 [N, 9, T, H, W] (argmax class, always one of
+  the plane's `layout.PLANE_CLASSES`: the model masks the others; planes the model does
+  not segment are 0); labels uint8 [N, 9, T, H, W]; label_mask bool [N, 9]
   (labelled AND segmented by the model: the planes to score); plane_mask bool [N, 9];
   pixel_spacing float32 [N, 9, 2]; slice_spacing float32 [N]; frame_duration float32 [N].
 """

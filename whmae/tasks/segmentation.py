@@ -6,18 +6,35 @@ patch (pt, ph, pw):
   * skips: per-block outputs `hidden[i]` for i in `skip_blocks` plus the final normed
     tokens, restored to grid order, absent planes' tokens zeroed;
   * each is projected per token to C channels (`token_channels`; 1152 / 9 = 128 in the
-    reference) and the planes are folded into channels: [B, t, h, w, S * C];
+    reference) and the planes are folded into channels: [B, t, h, w, S * C], as the
+    reference does. `per_plane=True` instead decodes every plane on its own, planes in
+    the batch dimension with shared weights (plus a learned per-plane embedding added to
+    the final tokens' features): [B * S, t, h, w, C], each plane with its own feature
+    maps at every stage (`channels` are then per plane; ~4x the CPU time of the tiny
+    folded decoder, whose full-resolution convs then run on 9x the voxels);
   * upsampling by the patch size in stages: each dim's factor is split into its prime
-    factors (8 -> 2, 2, 2; 25 -> 5, 5; 5 -> 5), one stage per factor; stage i is a
-    transposed conv (kernel = stride = its factors) then a residual block on the
-    concatenation with a skip brought to the same resolution (deepest block at the
-    coarsest stage; the last, full-resolution stage takes the images themselves,
-    [B, T, H, W, S] through a residual block);
+    factors (8 -> 2, 2, 2; 25 -> 5, 5; 5 -> 5), one stage per factor; stage i is a 1x1x1
+    projection, linear interpolation by its factors (half-pixel centres, edges
+    replicated: no kernel = stride transposed conv, whose blocks print a lattice at the
+    patch period), then a residual block on the concatenation with a skip brought to
+    the same resolution the same way (deepest block at the coarsest stage; the last,
+    full-resolution stage takes the images themselves through a residual block:
+    [B * S, T, H, W, 1] per plane, [B, T, H, W, S] folded);
   * residual blocks: 3x3x3 conv, instance norm (`nnx.GroupNorm(num_groups=channels)`),
     leaky ReLU, twice, plus a 1x1x1 projection when the width changes;
-  * a 1x1x1 conv to S x 6 class logits: [B, S, T, H, W, 6].
-Loss: cross-entropy + (1 - mean soft Dice of the 5 foreground classes, summed over the
-batch), both over labelled (`label_mask`) and acquired (`plane_mask`) planes only.
+  * a 1x1x1 conv to 6 class logits per plane: [B, S, T, H, W, 6], plus, with
+    `refine_channels` > 0, a per-plane full-resolution correction (`PlaneRefine`): the
+    last features split into that many channels per plane, joined by the plane's own
+    image, a 3x3x3 conv, instance norm, leaky ReLU, 1x1x1 conv to 6 logits. It gives
+    each plane image-resolution features of its own for its boundaries at little cost
+    (the folded head maps `channels[-1]` features to all S x 6 logits);
+  * per-view classes: a plane's logits of classes it cannot hold
+    (`layout.PLANE_CLASSES`: short-axis background/LV/Myo/RV, long-axis background/LA
+    (+ RA in 4ch)) are replaced by DISALLOWED_LOGIT, in the model's output, so training,
+    `predict_segmentation` and `whmae-segment` (argmax) never predict them.
+Loss: cross-entropy + (1 - mean soft Dice of the foreground classes the model's planes
+can hold, each class over the planes that can hold it, summed over the batch), both over
+labelled (`label_mask`) and acquired (`plane_mask`) planes only.
 """
 
 from __future__ import annotations
@@ -31,26 +48,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from whmae.layout import NUM_CLASSES
+from whmae.layout import NUM_CLASSES, plane_class_mask
 from whmae.model.config import MAEConfig
 from whmae.model.masking import restore_order, token_availability
-from whmae.model.vit import Dense
+from whmae.model.vit import Dense, logical_param, zeros
 from whmae.tasks.config import init_step
 from whmae.tasks.encoder_init import MAEEncoder, encoder_config, pretrained_encoder_init
 from whmae.train.loop import Task
 
 __all__ = [
+    "DISALLOWED_LOGIT",
     "SegmentationModel",
     "UNETRDecoder",
+    "mask_logits",
     "segmentation_loss",
     "segmentation_loss_values",
     "segmentation_task",
     "stage_factors",
+    "upsample_linear",
 ]
 
 FIELDS = ("images", "plane_mask", "labels", "label_mask")
 DICE_SMOOTH = 1e-5
 LEAKY_SLOPE = 0.01
+# The logit of a class a plane cannot hold: finite (no NaN in 0 * log p), and far below
+# any logit a network produces, so softmax gives it 0 and argmax never picks it.
+DISALLOWED_LOGIT = -1e9
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -101,24 +124,34 @@ class Conv3x3x3(nnx.Conv):
         return y if bias is None else y + bias
 
 
-class PatchConvTranspose(nnx.ConvTranspose):
-    """`nnx.ConvTranspose` with kernel = stride and VALID padding (same parameters, same
-    output) as one matmul and a reshape: every input voxel fills its own block.
-    XLA:CPU's transposed conv is orders of magnitude slower at these shapes."""
+def _upsample_axis(x, factor: int, axis: int):
+    """Linear interpolation by an integer factor along `axis` (half-pixel centres, edge
+    values replicated): output j sits at input position (j + 0.5) / factor - 0.5, so each
+    output is a fixed mix of one input and its nearer neighbour."""
+    if factor == 1:
+        return x
+    n = x.shape[axis]
+    before = jnp.concatenate(
+        [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
+        axis=axis,
+    )
+    after = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
+                             jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)  # fmt: skip
+    phases = []
+    for a in range(factor):
+        offset = (a + 0.5) / factor - 0.5
+        neighbour = before if offset < 0 else after
+        phases.append(x if offset == 0 else (1 - abs(offset)) * x + abs(offset) * neighbour)
+    y = jnp.stack(phases, axis=axis + 1)
+    return y.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 1 :])
 
-    def __init__(self, features_in: int, features_out: int, factor, **kwargs):
-        factor = tuple(factor)
-        super().__init__(features_in, features_out, factor, factor, padding="VALID", **kwargs)
 
-    def __call__(self, x):
-        b, t, h, w, _ = x.shape
-        ft, fh, fw = self.kernel_size
-        x, kernel, bias = _promoted(self, x)
-        # lax.conv_transpose fills block offset a with kernel tap (f - 1 - a): flipped.
-        kernel = kernel[::-1, ::-1, ::-1]
-        y = jnp.einsum("bthwc,xyzcd->btxhywzd", x, kernel, precision=self.precision)
-        y = y.reshape(b, t * ft, h * fh, w * fw, -1)
-        return y if bias is None else y + bias
+def upsample_linear(x, factor):
+    """[N, t, h, w, C] -> [N, t * ft, h * fh, w * fw, C] by separable linear interpolation
+    (what `jax.image.resize(..., "linear")` gives, as a few shifted adds: cheap on CPU)."""
+    for axis, f in zip((1, 2, 3), factor, strict=True):
+        x = _upsample_axis(x, int(f), axis)
+    return x
 
 
 class Conv1x1x1(nnx.Conv):
@@ -158,15 +191,56 @@ class ResBlock(nnx.Module):
         return jax.nn.leaky_relu(x + y, LEAKY_SLOPE)
 
 
-class Up(nnx.Module):
-    """Transposed conv by `factor` (kernel = stride), then a residual block."""
+class Upsample(nnx.Module):
+    """1x1x1 conv to `features_out` then linear interpolation by `factor` (the conv runs
+    at the coarse resolution: both are linear, so the order does not matter)."""
 
     def __init__(self, features_in: int, features_out: int, factor, *, dtype, rngs):
-        self.deconv = PatchConvTranspose(features_in, features_out, factor, dtype=dtype, rngs=rngs)
+        self.project = Conv1x1x1(features_in, features_out, dtype=dtype, rngs=rngs)
+        self.factor = tuple(int(f) for f in factor)
+
+    def __call__(self, x):
+        return upsample_linear(self.project(x), self.factor)
+
+
+class Up(nnx.Module):
+    """Upsample by `factor`, then a residual block."""
+
+    def __init__(self, features_in: int, features_out: int, factor, *, dtype, rngs):
+        self.upsample = Upsample(features_in, features_out, factor, dtype=dtype, rngs=rngs)
         self.block = ResBlock(features_out, features_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.block(self.deconv(x))
+        return self.block(self.upsample(x))
+
+
+class PlaneRefine(nnx.Module):
+    """A per-plane full-resolution correction of the logits: the decoder's last features
+    [N, T, H, W, F] (N = B items of `fold` planes each) are projected to `channels` per
+    plane, each plane's map is joined by its own image and goes through a 3x3x3 conv,
+    instance norm, leaky ReLU and a 1x1x1 conv to 6 logits: [B, S, T, H, W, 6] (shared
+    weights over planes; the first conv is cheap at few channels, unlike whole stages per
+    plane). The last conv starts at zero, so the correction starts at zero."""
+
+    def __init__(self, features_in: int, fold: int, channels: int, *, dtype=jnp.float32, rngs):
+        self.channels = channels
+        hidden = 2 * channels
+        self.project = Conv1x1x1(features_in, fold * channels, dtype=dtype, rngs=rngs)
+        self.conv = Conv3x3x3(channels + 1, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.norm = nnx.GroupNorm(hidden, num_groups=hidden, dtype=dtype, rngs=rngs)
+        self.out = Conv1x1x1(
+            hidden, NUM_CLASSES, kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, features, images):
+        b, s, t, h, w = images.shape
+        x = self.project(features)
+        if x.shape[0] != b * s:  # folded [B, T, H, W, S * c] -> [B * S, T, H, W, c]
+            x = x.reshape(b, t, h, w, s, self.channels).transpose(0, 4, 1, 2, 3, 5)
+        x = x.reshape(b * s, t, h, w, self.channels)
+        pixels = images.reshape(b * s, t, h, w, 1).astype(x.dtype)
+        y = jax.nn.leaky_relu(self.norm(self.conv(jnp.concatenate([x, pixels], -1))), LEAKY_SLOPE)
+        return self.out(y).astype(jnp.float32).reshape(b, s, t, h, w, NUM_CLASSES)
 
 
 class UNETRDecoder(nnx.Module):
@@ -180,6 +254,8 @@ class UNETRDecoder(nnx.Module):
         channels: Sequence[int],
         image_channels: int,
         num_skips: int,
+        per_plane: bool = False,
+        refine_channels: int = 0,
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(encoder.dtype)
@@ -191,18 +267,24 @@ class UNETRDecoder(nnx.Module):
                 f"{stages} for patch {encoder.patch_size} (factors {self.factors})"
             )
         self.num_skips = min(num_skips, stages - 1)
+        self.per_plane = bool(per_plane)
         s, c = encoder.num_planes, token_channels
-        folded = s * c
+        # Planes per decoded item: 1 (planes in the batch) or S (planes in the channels).
+        fold = 1 if self.per_plane else s
+        bottom = fold * c
         dense = dict(dtype=dtype, rngs=rngs)
         # Projections: [0] the final tokens, [1 + i] the skip of stage i (deepest first).
         self.project = nnx.List(
             [Dense(encoder.width, c, ("embed", None), **dense) for _ in range(1 + self.num_skips)]
         )
-        self.bottom = ResBlock(folded, folded, **dense)
-        skip_paths, ups, previous = [], [], folded
+        self.plane_embedding = (
+            logical_param(zeros, None, (s, c), (None, None)) if self.per_plane else None
+        )
+        self.bottom = ResBlock(bottom, bottom, **dense)
+        skip_paths, ups, previous = [], [], bottom
         for i, width in enumerate(channels):
             if i < self.num_skips:
-                chain, features = [], folded
+                chain, features = [], bottom
                 for factor in self.factors[: i + 1]:
                     chain.append(Up(features, width, factor, **dense))
                     features = width
@@ -212,45 +294,71 @@ class UNETRDecoder(nnx.Module):
                 skip_width = image_channels
             else:
                 skip_width = 0
-            ups.append(PatchConvTranspose(previous, width, self.factors[i], **dense))
+            ups.append(Upsample(previous, width, self.factors[i], **dense))
             ups.append(ResBlock(width + skip_width, width, **dense))
             previous = width
         self.skip_paths = nnx.List(skip_paths)
         self.ups = nnx.List(ups)
-        self.image_block = ResBlock(s, image_channels, **dense)
-        self.head = Conv1x1x1(previous, s * NUM_CLASSES, **dense)
+        self.image_block = ResBlock(fold, image_channels, **dense)
+        self.head = Conv1x1x1(previous, fold * NUM_CLASSES, **dense)
+        self.refine = (
+            PlaneRefine(previous, fold, refine_channels, **dense) if refine_channels else None
+        )
         self.grid = encoder.grid
         self.dtype = dtype
 
-    def _fold(self, tokens, project):
-        """[B, N, D] grid-order tokens -> [B, t, h, w, S * C]."""
+    def _features(self, tokens, project, embedding=None):
+        """[B, N, D] grid-order tokens -> [B * S, t, h, w, C] per plane or
+        [B, t, h, w, S * C] folded."""
         s, t, h, w = self.grid
-        x = project(tokens).reshape(tokens.shape[0], s, t, h, w, -1)
-        return x.transpose(0, 2, 3, 4, 1, 5).reshape(tokens.shape[0], t, h, w, -1)
+        b = tokens.shape[0]
+        x = project(tokens).reshape(b, s, t, h, w, -1)
+        if embedding is not None:
+            x = x + embedding[...].astype(x.dtype)[None, :, None, None, None]
+        if self.per_plane:
+            return x.reshape(b * s, t, h, w, -1)
+        return x.transpose(0, 2, 3, 4, 1, 5).reshape(b, t, h, w, -1)
 
     def __call__(self, final_tokens, skip_tokens: Sequence, images) -> jax.Array:
         """final_tokens [B, N, D], skip_tokens deepest first [B, N, D] each, images float
         [B, S, T, H, W] -> logits float32 [B, S, T, H, W, 6]."""
         b, s, t, h, w = images.shape
-        x = self.bottom(self._fold(final_tokens, self.project[0]))
+        x = self.bottom(self._features(final_tokens, self.project[0], self.plane_embedding))
         for i in range(len(self.factors)):
             x = self.ups[2 * i](x)
             if i < self.num_skips:
-                skip = self._fold(skip_tokens[i], self.project[1 + i])
+                skip = self._features(skip_tokens[i], self.project[1 + i])
                 for up in self.skip_paths[i]:
                     skip = up(skip)
                 x = jnp.concatenate([x, skip], axis=-1)
             elif i == len(self.factors) - 1:
-                skip = self.image_block(images.transpose(0, 2, 3, 4, 1).astype(self.dtype))
-                x = jnp.concatenate([x, skip], axis=-1)
+                if self.per_plane:
+                    pixels = images.reshape(b * s, t, h, w, 1)
+                else:
+                    pixels = images.transpose(0, 2, 3, 4, 1)
+                x = jnp.concatenate([x, self.image_block(pixels.astype(self.dtype))], axis=-1)
             x = self.ups[2 * i + 1](x)
-        logits = self.head(x).astype(jnp.float32).reshape(b, t, h, w, s, NUM_CLASSES)
-        return logits.transpose(0, 4, 1, 2, 3, 5)
+        logits = self.head(x).astype(jnp.float32)
+        if self.per_plane:
+            logits = logits.reshape(b, s, t, h, w, NUM_CLASSES)
+        else:
+            logits = logits.reshape(b, t, h, w, s, NUM_CLASSES).transpose(0, 4, 1, 2, 3, 5)
+        if self.refine is not None:
+            logits = logits + self.refine(x, images)
+        return logits
+
+
+def mask_logits(logits, allowed) -> jax.Array:
+    """logits [B, S, ..., 6] with DISALLOWED_LOGIT where allowed [S, 6] is False."""
+    allowed = jnp.asarray(allowed, bool)
+    shape = (1, allowed.shape[0]) + (1,) * (logits.ndim - 3) + (allowed.shape[1],)
+    return jnp.where(allowed.reshape(shape), logits, DISALLOWED_LOGIT)
 
 
 class SegmentationModel(nnx.Module):
     """images uint8 [B, 9, T, H, W], plane_mask [B, 9] -> logits [B, S, T, H, W, 6] for
-    the encoder's S planes (`planes`); S = 9 for the all-planes model."""
+    the encoder's S planes (`planes`); S = 9 for the all-planes model. Classes a plane
+    cannot hold (`allowed`, from `layout.PLANE_CLASSES`) have DISALLOWED_LOGIT."""
 
     def __init__(
         self,
@@ -260,6 +368,8 @@ class SegmentationModel(nnx.Module):
         channels: Sequence[int] = (256, 128, 64),
         image_channels: int = 32,
         skip_blocks: Sequence[int] = (1, 3),
+        per_plane: bool = False,
+        refine_channels: int = 8,
         freeze_encoder: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -272,12 +382,15 @@ class SegmentationModel(nnx.Module):
         self.skip_blocks = tuple(sorted(skip_blocks, reverse=True))  # deepest first
         self.freeze_encoder = freeze_encoder
         self.planes = encoder.planes
+        self.allowed = plane_class_mask(self.planes)  # [S][6] bool (static)
         self.decoder = UNETRDecoder(
             encoder,
             token_channels=token_channels,
             channels=channels,
             image_channels=image_channels,
             num_skips=len(self.skip_blocks),
+            per_plane=per_plane,
+            refine_channels=refine_channels,
             rngs=rngs,
         )
 
@@ -295,30 +408,38 @@ class SegmentationModel(nnx.Module):
         final = grid_order(encoded["tokens"])
         skips = [grid_order(encoded["hidden"][i][:, 1:]) for i in self.skip_blocks]
         pixels = pixels * plane_available[:, :, None, None, None].astype(pixels.dtype)
-        return self.decoder(final, skips, pixels)
+        return mask_logits(self.decoder(final, skips, pixels), self.allowed)
 
 
-def segmentation_loss_values(logits, labels, weight) -> tuple[jax.Array, dict]:
+def segmentation_loss_values(logits, labels, weight, allowed=None) -> tuple[jax.Array, dict]:
     """Dice + CE of logits [B, S, T, H, W, 6] vs labels int [B, S, T, H, W] over planes
-    with weight [B, S] (1 = labelled and acquired, 0 = excluded).
+    with weight [B, S] (1 = labelled and acquired, 0 = excluded); allowed [S, 6] bool:
+    the classes each plane can hold (default: all).
 
-    CE: mean over the voxels of included planes. Dice: per foreground class, summed over
-    the batch's included voxels, (2 I + e) / (|P| + |G| + e) with softmax P; loss = CE +
-    1 - mean Dice. Returns (loss, {"ce", "dice"}).
+    CE: mean over the voxels of included planes (a voxel labelled with a class its plane
+    cannot hold is left out). Dice: per foreground class that some plane can hold, over
+    the included planes that can hold it, summed over the batch's voxels,
+    (2 I + e) / (|P| + |G| + e) with softmax P; loss = CE + 1 - mean Dice.
+    Returns (loss, {"ce", "dice"}).
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    onehot = jax.nn.one_hot(labels, NUM_CLASSES, dtype=jnp.float32)
+    s = logits.shape[1]
+    allowed = np.ones((s, NUM_CLASSES), bool) if allowed is None else np.asarray(allowed, bool)
+    classes = [c for c in range(1, NUM_CLASSES) if allowed[:, c].any()]
+    logits = mask_logits(logits.astype(jnp.float32), allowed)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    per_plane = jnp.asarray(allowed, jnp.float32)[None, :, None, None, None, :]
+    onehot = jax.nn.one_hot(labels, NUM_CLASSES, dtype=jnp.float32) * per_plane
     w = weight.astype(jnp.float32)[:, :, None, None, None]
     voxels = math.prod(labels.shape[2:])
     ce_voxel = -jnp.sum(onehot * log_probs, axis=-1)
     ce = jnp.sum(ce_voxel * w) / jnp.maximum(jnp.sum(w) * voxels, 1.0)
-    probs = jnp.exp(log_probs) * w[..., None]
+    probs = jnp.exp(log_probs) * w[..., None] * per_plane
     onehot = onehot * w[..., None]
     axes = tuple(range(5))
     intersection = jnp.sum(probs * onehot, axis=axes)
     total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
     dice = (2 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
-    mean_dice = jnp.mean(dice[1:])
+    mean_dice = jnp.mean(dice[np.asarray(classes)])
     return ce + 1.0 - mean_dice, {"ce": ce, "dice": mean_dice}
 
 
@@ -334,7 +455,7 @@ def segmentation_loss(model, batch, key):
     logits = model(batch["images"], batch["plane_mask"])
     planes = np.asarray(model.planes)
     return segmentation_loss_values(
-        logits, batch["labels"][:, planes], plane_weights(batch, model.planes)
+        logits, batch["labels"][:, planes], plane_weights(batch, model.planes), model.allowed
     )
 
 
@@ -349,6 +470,8 @@ def build_segmenter(config: Any, rngs: nnx.Rngs) -> SegmentationModel:
         channels=tuple(u.channels),
         image_channels=int(u.image_channels),
         skip_blocks=tuple(u.skip_blocks),
+        per_plane=bool(u.get("per_plane", False)),
+        refine_channels=int(u.get("refine_channels", 0)),
         freeze_encoder=config.mode == "probe",
         rngs=rngs,
     )
