@@ -4,6 +4,7 @@
     python benchmarks/bench_prepare.py --exams 256 --workers 1 2 --write-to /dev/shm
     python benchmarks/bench_prepare.py --exams 256 --workers 2 --cold --prefetch 0 1 4
     python benchmarks/bench_prepare.py --exams 8 --workers --profile   # where the CPU goes
+    python benchmarks/bench_prepare.py --dicom 2 --workers             # DICOM decoding only
 
 Exams are phantom renders at UK Biobank geometry: short axis 200 x 200 x 10 slices x 50
 frames (1.85 mm pixels, 10 mm slices), three long-axis views 200 x 200 x 1 x 50, int16
@@ -29,6 +30,12 @@ cores. `--profile`: cProfile (CPU time) of reading, preprocessing, encoding and 
 `--exams` exams in one process. `--cold` drops the page cache before each run, so the
 input comes from the disk; `--prefetch 0 1` then shows what reading the next exams'
 files in the background (`whmae-prepare --prefetch`) hides of the disk's latency.
+`--dicom N`: N subjects written as UK Biobank DICOM zips (tests/dicom_fixtures.py: 20209
+with one series per short-axis slice plus the derived InlineVF series, 20208 with the three
+long-axis series; uncompressed 16-bit, 1,150 files per exam at the geometry above), and per
+exam, in one process: seconds to open the zips and parse every header
+(`dicom_exam.open_exam`), to decode and assemble the four views, the whole
+`preprocess_exam` from the zips, and `preprocess_exam` of the same exam's NIfTI twin.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import os
 import pstats
 import resource
@@ -45,13 +53,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
 
-from whmae.data import nifti_io, records, shards  # noqa: E402
+from whmae.data import dicom_exam, nifti_io, records, shards  # noqa: E402
 from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
 from whmae.data.prepare import prepare_dataset  # noqa: E402
 
@@ -158,6 +167,60 @@ def profile(folders: list[Path], scratch: Path, top: int = 16) -> str:
     return f"{len(folders)} exams\n" + text.getvalue()
 
 
+def dicom_seconds(store: Path, subjects: int, repeats: int = 3) -> dict:
+    """Per-exam wall and CPU seconds of the DICOM route (module docstring, `--dicom`)."""
+    from dicom_fixtures import make_dicom_exam
+
+    made = []
+    for index in range(subjects):
+        eid = f"{6_000_000 + index}"
+        folder, twin = store / "dicom" / eid, store / "dicom_nifti" / eid
+        if not (folder / f"{eid}_20208_2_0.zip").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            make_dicom_exam(store / "dicom", eid, index, size=200, frames=50, num_slices=10,
+                            fov_mm=370, inline_vf=True)  # fmt: skip
+        made.append((folder, twin))
+    for folder, twin in made:  # page cache
+        for path in [*folder.glob("*.zip"), *twin.glob("*.nii.gz")]:
+            path.read_bytes()
+
+    def timed(work) -> tuple[float, float]:
+        best = (math.inf, math.inf)
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for folder, twin in made:
+                work(folder, twin)
+            best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+        return best[0] / len(made), best[1] / len(made)
+
+    def decode(folder, twin):
+        source = dicom_exam.open_exam(folder)
+        for view in dicom_exam.VIEWS:
+            source.read(view)
+
+    stages = {
+        "open_and_parse_headers": lambda folder, twin: dicom_exam.open_exam(folder),
+        "open_and_decode_views": decode,
+        "preprocess_exam_dicom": lambda folder, twin: preprocess_exam(dicom_exam.open_exam(folder)),
+        "preprocess_exam_nifti_twin": lambda folder, twin: preprocess_exam(twin),
+    }
+    out = {"exams": len(made), "files_per_exam": None, "zip_bytes_per_exam": None}
+    with (
+        zipfile.ZipFile(next(made[0][0].glob("*_20209_2_0.zip"))) as sa,
+        zipfile.ZipFile(next(made[0][0].glob("*_20208_2_0.zip"))) as la,
+    ):
+        out["files_per_exam"] = len(sa.namelist()) + len(la.namelist())
+    out["zip_bytes_per_exam"] = sum(p.stat().st_size for p in made[0][0].glob("*.zip"))
+    for name, work in stages.items():
+        wall, cpu = timed(work)
+        out[name] = {
+            "seconds_per_exam": round(wall, 4),
+            "cpu_seconds_per_exam": round(cpu, 4),
+            "exams_per_second": round(1 / wall, 3),
+        }
+    return out
+
+
 def drop_page_cache() -> None:
     """Write dirty pages, then drop the clean page cache (Linux, root): the next run reads
     its input from the disk."""
@@ -207,10 +270,24 @@ def main() -> None:
         action="store_true",
         help="start every run with the page cache dropped (root): the input comes from disk",
     )
+    parser.add_argument(
+        "--dicom",
+        type=int,
+        default=0,
+        help="also time the DICOM route on this many subjects written as UK Biobank zips",
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     store = Path(args.data) if args.data else scratch / "store"
     store.mkdir(parents=True, exist_ok=True)
+    if args.dicom:
+        dicom = dicom_seconds(store, args.dicom)
+        print(json.dumps({"dicom": dicom}, indent=1))
+        if not args.workers and not args.profile:  # DICOM figures only
+            if args.out:
+                Path(args.out).write_text(json.dumps({"dicom": dicom}, indent=1))
+            shutil.rmtree(scratch)
+            return
     root = scratch / "exams"
     start = time.perf_counter()
     csv_path = build_cohort(store, root, args.exams, args.unique)
@@ -225,6 +302,8 @@ def main() -> None:
         "stages": stage_seconds(root, args.exams),
         "runs": [],
     }
+    if args.dicom:
+        results["dicom"] = dicom
     print(json.dumps(results["stages"]))
     if args.profile:
         print(profile(sorted(root.iterdir())[: args.exams], scratch))

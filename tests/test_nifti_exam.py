@@ -7,16 +7,18 @@ import zlib
 import nibabel as nib
 import numpy as np
 import pytest
-from ukbb_fixtures import break_exam, make_exam_folder
+from ukbb_fixtures import ISOLATED_NANS, break_exam, make_exam_folder
 
 from whmae import layout
 from whmae.data import label_maps, nifti_io
 from whmae.data.nifti_exam import (
+    MAX_REPAIRED_FRACTION,
     ExamError,
     crop,
     crop_offsets,
     frame_duration_seconds,
     preprocess_exam,
+    repair_nonfinite,
     resample_time,
     restore_labels,
     select_short_axis_slices,
@@ -301,6 +303,59 @@ def test_broken_short_axis_is_rejected_with_the_file_named(tmp_path, how):
     with pytest.raises(ExamError) as error:
         preprocess_exam(tmp_path / "3", frames=20, size=40)
     assert str(error.value).startswith(reason)
+
+
+def test_repair_nonfinite_fills_isolated_voxels_from_their_neighbours():
+    view = np.arange(2 * 1 * 5 * 5, dtype=np.float32).reshape(2, 1, 5, 5)
+    view[0, 0, 2, 2], view[1, 0, 0, 0], view[1, 0, 0, 1] = np.nan, np.inf, -np.inf
+    with pytest.raises(ExamError, match=r"^x: NaN values in 3 voxels \(6.000% of the view\)"):
+        repair_nonfinite(view, "x")  # 3 of 50 voxels: over the threshold
+    big = np.tile(np.arange(50, dtype=np.float32).reshape(2, 1, 5, 5), (1, 20, 1, 1))
+    big[0, 0, 2, 2], big[1, 0, 0, 0], big[1, 0, 0, 1] = np.nan, np.inf, -np.inf  # 0.3 %
+    repaired, count = repair_nonfinite(big, "x")
+    assert count == 3 and np.isfinite(repaired).all() and np.isnan(big[0, 0, 2, 2])
+    assert repaired[0, 0, 2, 2] == 12.0  # the mean of its 8 neighbours in arange(25)
+    assert repaired[1, 0, 0, 0] == (30 + 31) / 2  # finite neighbours only (26 is -inf)
+    assert repaired[1, 0, 0, 1] == pytest.approx((27 + 30 + 31 + 32) / 4)
+    unchanged = np.isfinite(big)
+    np.testing.assert_array_equal(repaired[unchanged], big[unchanged])
+    cluster = np.tile(np.arange(25, dtype=np.float32).reshape(1, 1, 5, 5), (1, 400, 1, 1))
+    cluster[0, 0, 1:4, 1:4] = np.nan  # 9 of 10000 voxels, but the centre has no finite one
+    with pytest.raises(ExamError, match="no finite in-plane neighbour"):
+        repair_nonfinite(cluster, "x")
+    assert MAX_REPAIRED_FRACTION == 0.005
+
+
+def test_isolated_nan_voxels_are_repaired_and_recorded(tmp_path):
+    make_exam_folder(tmp_path, "7", 7, size=48, frames=20, num_slices=10)
+    clean, _ = preprocess_exam(tmp_path / "7", frames=20, size=48, slice_rule="centre")
+    reason = break_exam(tmp_path / "7", "nan_sa_isolated")
+    exam, geometry = preprocess_exam(tmp_path / "7", frames=20, size=48, slice_rule="centre")
+    fraction = len(ISOLATED_NANS) / (48 * 48 * 10 * 20)
+    assert geometry["warnings"] == [
+        f"{reason} ({fraction:.3%}) repaired from their in-plane neighbours"
+    ]
+    assert geometry["views"]["sa"]["repaired_voxels"] == len(ISOLATED_NANS)
+    differ = np.argwhere(exam["images"] != clean["images"])  # [plane, t, row, col]
+    slices = geometry["views"]["sa"]["slices"]
+    inside = {(SA[slices.index(z)], t, y, x) for x, y, z, t in ISOLATED_NANS if z in slices}
+    assert {tuple(d) for d in differ} <= inside  # only the repaired voxels can change
+    assert np.abs(exam["images"].astype(int) - clean["images"]).max() < 40
+
+
+def test_too_many_nan_voxels_drop_a_long_axis_view(tmp_path):
+    make_exam_folder(tmp_path, "8", 8, size=48, frames=20)
+    path = tmp_path / "8" / "la_2ch.nii.gz"
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data[:, :, 0, 3] = np.nan  # one whole frame of 20: 5 %
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+    exam, geometry = preprocess_exam(tmp_path / "8", frames=20, size=40)
+    assert not exam["plane_mask"][0] and exam["plane_mask"][1:].all()
+    assert geometry["absent"] == [
+        "la_2ch.nii.gz: NaN values in 2304 voxels (5.000% of the view), more than the 0.5% "
+        "that are repaired"
+    ]
 
 
 def test_broken_long_axis_and_segmentation_become_absent(tmp_path):

@@ -29,7 +29,7 @@ GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
     "3100005": (5, 72, 30, 13, "sec"),  # has a folder but no CSV row
 }
 BROKEN = BREAKS  # every broken case the fixture builder knows
-WRITTEN_BROKEN = {"missing_la_4ch", "la_4ch_wrong_dims", "missing_seg_sa"}
+WRITTEN_BROKEN = {"missing_la_4ch", "la_4ch_wrong_dims", "missing_seg_sa", "nan_sa_isolated"}
 CSV_ONLY = "3199999"
 NO_ROW = "3100005"
 OPTIONS = {"frames": 50, "size": 40, "exams_per_shard": 4}
@@ -37,7 +37,7 @@ OPTIONS = {"frames": 50, "size": 40, "exams_per_shard": 4}
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """(root, csv path, truths by eid, expected reasons by eid) of 16 subjects."""
+    """(root, csv path, truths by eid, expected reasons by eid) of 17 subjects."""
     base = tmp_path_factory.mktemp("cohort")
     root, truths, reasons = base / "exams", {}, {}
     for eid, (index, size, frames, slices, unit) in GOOD.items():
@@ -90,7 +90,7 @@ def test_manifest_lists_every_subject_with_reasons(cohort, prepared):
     _, _, truths, reasons = cohort
     out, summary = prepared
     dataset = summary["dataset"]
-    assert dataset["line"] == "exams found = 16 = written 9 + rejected 7"
+    assert dataset["line"] == "exams found = 17 = written 10 + rejected 7"
     assert json.loads((out / prepare.SUMMARY_FILE).read_text()) == dataset
     entries = manifest(out)
     assert sorted(entries) == sorted([*truths, CSV_ONLY])
@@ -105,6 +105,9 @@ def test_manifest_lists_every_subject_with_reasons(cohort, prepared):
     assert "no phenotype CSV row: phenotypes all NaN" in entries[NO_ROW]["warnings"]
     assert "RVEF (%): not a number 'abc' (NaN)" in entries["3100001"]["warnings"]
     assert entries["3200000"]["absent"] == ["la_4ch.nii.gz: missing"]
+    assert entries["3200009"]["repaired_voxels"] == {"sa": 4}  # isolated NaNs, repaired
+    assert "repaired_voxels" not in entries["3100000"]
+    assert dataset["flags_by_kind"]["absent"]["la_4ch.nii.gz: missing"]["eids"] == ["3200000"]
 
 
 def test_dataset_equals_direct_preprocessing_with_phenotypes_joined(cohort, prepared):
@@ -114,7 +117,7 @@ def test_dataset_equals_direct_preprocessing_with_phenotypes_joined(cohort, prep
     exams = read_exams(out)
     assert sorted(exams) == sorted(e for e, v in entries.items() if v["status"] == "written")
     info = records.read_dataset_info(out)
-    assert info["image_shape"] == [9, 50, 40, 40] and info["num_examples"] == 9
+    assert info["image_shape"] == [9, 50, 40, 40] and info["num_examples"] == 10
     for eid, exam in exams.items():
         direct, _ = preprocess_exam(root / eid, frames=50, size=40)
         for field in ("images", "labels", "plane_mask", "label_mask", "pixel_spacing"):
@@ -165,19 +168,19 @@ def test_resume_after_an_interrupted_run(cohort, prepared, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
     assert sorted(shards.read_shard_markers(tmp_path)) == [0]
-    assert prepare.complete_shards(tmp_path, 4) == {0}
-    assert not list(tmp_path.glob("*-00001-of-00004.*"))  # nothing of shard 1 looks complete
+    assert prepare.complete_shards(tmp_path, 5) == {0}
+    assert not list(tmp_path.glob("*-00001-of-00005.*"))  # nothing of shard 1 looks complete
     assert not (tmp_path / records.INFO_FILE).exists()
-    first_shard = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00004*")}
+    first_shard = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00005*")}
 
     calls.clear()
     monkeypatch.setattr(prepare, "_prepare_one", lambda job: calls.append(job) or real(job))
     summary = prepare.prepare_dataset(
         root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS
     )
-    assert summary["shards_written"] == 3
-    assert {job["shard"] for job in calls} == {1, 2, 3}  # shard 0 was not redone
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00004*")} == (
+    assert summary["shards_written"] == 4
+    assert {job["shard"] for job in calls} == {1, 2, 3, 4}  # shard 0 was not redone
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-00000-of-00005*")} == (
         first_shard
     )
     assert summary["dataset"]["line"] == prepared[1]["dataset"]["line"]
@@ -191,6 +194,10 @@ def test_resume_after_an_interrupted_run(cohort, prepared, tmp_path, monkeypatch
     # A complete directory is left alone; other arguments are refused.
     again = prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
     assert again["exams_processed"] == 0
+    assert (
+        again["note"] == f"host 0/1: its 5 shard(s) are already complete in {tmp_path}: "
+        "nothing to write"
+    )
     with pytest.raises(ValueError, match="other arguments"):
         prepare.prepare_dataset(
             root, csv_path, tmp_path, frames=30, size=40, exams_per_shard=4, progress=False
@@ -202,12 +209,12 @@ def test_hosts_split_the_subjects_and_form_one_dataset(cohort, prepared, tmp_pat
     first = prepare.prepare_dataset(
         root, csv_path, tmp_path, workers=1, progress=False, host_shard=(0, 2), **OPTIONS
     )
-    assert "dataset" not in first and first["shards_written"] == 2  # shards 0 and 2
-    assert sorted(shards.read_shard_markers(tmp_path)) == [0, 2]
+    assert "dataset" not in first and first["shards_written"] == 3  # shards 0, 2, 4
+    assert sorted(shards.read_shard_markers(tmp_path)) == [0, 2, 4]
     second = prepare.prepare_dataset(
         root, csv_path, tmp_path, workers=1, progress=False, host_shard=(1, 2), **OPTIONS
     )
-    assert second["dataset"]["line"] == "exams found = 16 = written 9 + rejected 7"
+    assert second["dataset"]["line"] == "exams found = 17 = written 10 + rejected 7"
     merged = records.read_dataset_info(tmp_path)
     single = records.read_dataset_info(prepared[0])
     assert merged["splits"] == single["splits"]
@@ -232,11 +239,63 @@ def test_cli_require_phenotypes_and_bad_arguments(cohort, tmp_path, capsys):
     ]
     assert prepare.main(args) == 0
     printed = capsys.readouterr().out
-    assert "exams found = 16 = written 8 + rejected 8" in printed
+    assert "exams found = 17 = written 9 + rejected 8" in printed
     assert f"rejected {NO_ROW}: no phenotype CSV row (--require-phenotypes)" in printed
+    # Every warning kind on the console: count and first exams (not only in the manifest).
+    warnings, absent = printed.split("warnings by kind")[1].split("absent planes by kind")
+    good = [e for e in GOOD if e != NO_ROW]  # 50 or 30 frames, resampled to 20
+    expected = [
+        f"  5 x sa.nii.gz: # frames resampled to #  [{', '.join(good)}]",
+        "  1 x RVEF (%): not a number '…' (NaN)  [3100001]",
+        "  1 x sa.nii.gz: # non-finite voxels (#%) repaired from their in-plane neighbours  "
+        "[3200009]",
+        "  1 x seg_sa.nii.gz: missing (plane unlabelled)  [3200008]",
+        "  1 x slice rule reference fell back to centre  [3200008]",
+    ]
+    assert warnings.splitlines()[1:] == expected
+    assert absent.splitlines()[1:3] == [
+        "  1 x la_4ch.nii.gz: expected #-D (X, Y, #, T), got shape (#, #, #, #)  [3200006]",
+        "  1 x la_4ch.nii.gz: missing  [3200000]",
+    ]
+    # A host whose share of the shards is empty says why (exit 0: nothing failed).
+    empty = [*args[:5], str(tmp_path / "f"), "--shard", "5/6", "--exams-per-shard", "4"]
+    assert prepare.main(empty) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        "host 5/6 has no shards to write: 17 subjects make 5 shard(s) of --exams-per-shard 4, "
+        "and host i writes shards i, i + 6, ...; use at most 5 host(s) or a smaller "
+        "--exams-per-shard\nhost 5/6: 0 exams"
+    )
     assert records.read_dataset_info(tmp_path / "d")["image_shape"] == [9, 20, 32, 32]
     assert prepare.main([*args[:5], str(tmp_path / "e"), "--shard", "2/2"]) == 2
     assert "--shard 2/2: need 0 <= i < n" in capsys.readouterr().err
+
+
+def test_flags_by_kind_counts_exams_and_lists_the_first_few():
+    entries = [
+        {
+            "eid": f"e{k}",
+            "status": "written",
+            "absent": [],
+            "warnings": [
+                f"sa.nii.gz: {30 + k} frames resampled to 50",
+                f"sa.nii.gz: {k} frames resampled to 50",  # the same kind twice: one exam
+                f"la_{2 + k % 2}ch.nii.gz: missing",
+            ],
+        }
+        for k in range(7)
+    ]
+    entries.append({"eid": "r", "status": "rejected", "reason": "sa.nii.gz: missing"})
+    flags = prepare.flags_by_kind(entries)
+    assert flags["warnings"]["sa.nii.gz: # frames resampled to #"] == {
+        "count": 7,
+        "eids": ["e0", "e1", "e2", "e3", "e4"],
+    }
+    assert flags["warnings"]["la_2ch.nii.gz: missing"]["count"] == 4  # la_2ch != la_3ch
+    assert flags["warnings"]["la_3ch.nii.gz: missing"]["eids"] == ["e1", "e3", "e5"]
+    lines = prepare.format_flags(flags)
+    assert lines[1] == "  7 x sa.nii.gz: # frames resampled to #  [e0, e1, e2, e3, e4 ...]"
+    assert len(lines) == 4 and flags["absent"] == {}
 
 
 def _other_split(eid: str) -> str:
@@ -304,7 +363,7 @@ def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):
     args = ["--root", str(root), "--phenotypes", str(csv_path), "--out", str(tmp_path / "qc")]
     assert qc.main([*args, "--workers", "2"]) == 0
     summary = json.loads((tmp_path / "qc" / qc.SUMMARY_FILE).read_text())
-    assert summary["exams"] == 15 and summary["computed"] == 14
+    assert summary["exams"] == 16 and summary["computed"] == 15
     assert summary["failed"] == {
         "3200008": "seg_sa.nii.gz: missing (ventricular phenotypes need it)"
     }

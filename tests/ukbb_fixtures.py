@@ -41,7 +41,10 @@ BREAKS = (
     "la_4ch_wrong_dims",
     "sa_3d",
     "missing_seg_sa",
+    "nan_sa_isolated",
 )
+# Voxels set to NaN by "nan_sa_isolated": (X, Y, Z, T) of the sa.nii.gz array, apart.
+ISOLATED_NANS = ((20, 20, 3, 0), (25, 30, 5, 4), (10, 40, 7, 9), (33, 12, 1, 15))
 
 
 def write_nifti(
@@ -156,10 +159,15 @@ def break_exam(folder, how: str) -> str:
         return "seg_sa.nii.gz: missing"
     image = nib.load(str(sa))
     data = np.asanyarray(image.dataobj)
-    if how == "nan_sa":
+    if how == "nan_sa":  # two whole frames: more than whmae repairs
         data = data.astype(np.float32)
-        data[1, 2, 0, 0] = np.nan
-        reason = "sa.nii.gz: NaN values"
+        data[:, :, 0, :2] = np.nan
+        reason = "sa.nii.gz: NaN values in"
+    elif how == "nan_sa_isolated":  # a few scattered voxels: repaired, the exam written
+        data = data.astype(np.float32)
+        for voxel in ISOLATED_NANS:
+            data[voxel] = np.nan
+        reason = f"sa.nii.gz: {len(ISOLATED_NANS)} non-finite voxels"
     elif how == "blank_sa":
         data = np.full(data.shape, 7, data.dtype)
         reason = "sa.nii.gz: blank image"

@@ -6,13 +6,16 @@ Per shard (written after the shard's records, the manifest last):
                                  warnings) or rejected (reason naming the file)
 A shard is complete when its marker (`whmae.data.shards`) and its manifest exist.
 `finalize_prepared` merges them: dataset_info.json, manifest.jsonl (every subject) and
-prepare_summary.json (exams found = written + rejected, each rejection with its reason).
+prepare_summary.json (exams found = written + rejected, each rejection with its reason,
+the written exams' warnings and absent planes counted by kind with the first few eids:
+`flags_by_kind`, which `whmae-prepare` prints).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 from whmae.data import shards
@@ -21,6 +24,7 @@ from whmae.files import write_text_atomic
 
 MANIFEST_FILE = "manifest.jsonl"
 SUMMARY_FILE = "prepare_summary.json"
+FLAG_EXAMPLES = 5  # eids listed per warning kind in the summary (all are in the manifest)
 
 
 def manifest_file(shard: int, num_shards: int) -> str:
@@ -64,6 +68,42 @@ def write_prepared_shard(out_dir: Path, shard: int, num_shards: int, results, on
     return entries
 
 
+def flag_kind(message: str) -> str:
+    """A warning's kind: the message with its particulars blanked (quoted values -> '…',
+    free-standing numbers -> #), so that e.g. every "sa.nii.gz: 30 frames resampled to 50"
+    counts as one kind. Digits inside names (la_2ch, SAX_b1) are kept."""
+    kind = re.sub(r"'[^']*'", "'…'", message)
+    return re.sub(r"(?<![A-Za-z_\d])\d+(?:\.\d+)*", "#", kind)
+
+
+def flags_by_kind(entries: list[dict]) -> dict:
+    """{"warnings" | "absent": {kind: {"count": exams, "eids": the first FLAG_EXAMPLES}}} of
+    the written entries, kinds by decreasing count (an exam counts once per kind)."""
+    out = {}
+    for field in ("warnings", "absent"):
+        eids = collections.defaultdict(list)
+        for entry in entries:
+            if entry.get("status") != "written":
+                continue
+            for kind in dict.fromkeys(flag_kind(m) for m in entry.get(field, [])):
+                eids[kind].append(entry["eid"])
+        ranked = sorted(eids.items(), key=lambda item: (-len(item[1]), item[0]))
+        out[field] = {k: {"count": len(v), "eids": v[:FLAG_EXAMPLES]} for k, v in ranked}
+    return out
+
+
+def format_flags(flags: dict) -> list[str]:
+    """Console lines of `flags_by_kind`: per kind its count and first eids."""
+    lines = []
+    for field, title in (("warnings", "warnings"), ("absent", "absent planes")):
+        if flags.get(field):
+            lines.append(f"{title} by kind (exams; each one in {MANIFEST_FILE}):")
+            for kind, item in flags[field].items():
+                more = " ..." if item["count"] > len(item["eids"]) else ""
+                lines.append(f"  {item['count']} x {kind}  [{', '.join(item['eids'])}{more}]")
+    return lines
+
+
 def finalize_prepared(out_dir, provenance: dict) -> dict:
     """Merge all shards: dataset_info.json, manifest.jsonl (every subject) and
     prepare_summary.json (found = written + rejected, rejections with reasons)."""
@@ -86,6 +126,7 @@ def finalize_prepared(out_dir, provenance: dict) -> dict:
         "written_with_warnings": sum(bool(e["warnings"]) for e in written),
         "split_sources": dict(collections.Counter(e.get("split_source", "hash") for e in written)),
         "rejections": {e["eid"]: e["reason"] for e in rejected},
+        "flags_by_kind": flags_by_kind(entries),
         "image_shape": info["image_shape"],
         "bytes_on_disk": info["bytes"],
     }

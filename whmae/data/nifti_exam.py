@@ -20,8 +20,17 @@ Policy: an exam without a usable short-axis image is rejected (ExamError): slice
 selection and the exam's spacing need it. A missing or unusable long-axis image makes
 that plane absent (plane_mask False); a missing or unusable segmentation makes that
 plane unlabelled (label_mask False). An image is blank (unusable) when its crop holds one
-value. Every such decision is listed in geometry["absent"] / geometry["warnings"].
-File reading: `whmae.data.nifti_io`.
+value. Isolated non-finite voxels (NaN/inf, at most `MAX_REPAIRED_FRACTION` of a view, none
+without a finite in-plane neighbour) are repaired from their neighbours
+(`repair_nonfinite`); more make the view unusable. Every such decision is listed in
+geometry["absent"] / geometry["warnings"].
+
+Where the views come from: a source with `name(stem)`, `has(stem)` and `read(stem)` ->
+(array (X, Y, Z, T), header dict of `nifti_io.read_nifti`'s keys). `NiftiFolder` reads
+the folder's .nii.gz files (`whmae.data.nifti_io`); `whmae.data.dicom_exam.DicomExam`
+assembles the same arrays and headers from DICOM series. Everything after reading
+(checks, repair, slice choice, crops, resampling, quantisation) is this module's, whatever
+the source.
 """
 
 from __future__ import annotations
@@ -42,15 +51,90 @@ SEGMENTATION_FILE = {"sa": "seg_sa", "la_2ch": "seg_la_2ch", "la_4ch": "seg_la_4
 WINDOW = len(layout.SHORT_AXIS_PLANES)  # six consecutive short-axis slices
 SLICE_RULES = ("reference", "lv_centre", "centre")
 LA_CROPS = ("centre", "label")
+# Largest fraction of a view's voxels that may be non-finite (NaN/inf) and still be
+# repaired: 0.5 %. Isolated non-finite voxels are conversion or reconstruction glitches
+# (~0.2 % of a float32 short-axis stack has been seen), and each is replaced by the mean
+# of its finite in-plane neighbours, a value inside the local intensity range. 0.5 % keeps
+# the invented voxels below 1 in 200 (2.5x what has been seen); more means a broken
+# conversion whose finite voxels should not be trusted either, so the view is unusable.
+MAX_REPAIRED_FRACTION = 0.005
 
 
-def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
+class NiftiFolder:
+    """The views of a UK Biobank-layout exam folder of NIfTI files (see the module docstring
+    for the source interface)."""
+
+    kind = "nifti"
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.eid = self.folder.name
+        self.warnings: list[str] = []  # what opening the source noticed (none for NIfTI)
+
+    def name(self, stem: str) -> str:
+        return nifti_name(stem)
+
+    def has(self, stem: str) -> bool:
+        return (self.folder / nifti_name(stem)).is_file()
+
+    def read(self, stem: str) -> tuple[np.ndarray, dict]:
+        return read_nifti(self.folder / nifti_name(stem))
+
+
+def exam_source(folder):
+    """A source as it is (anything with `read`), or the NIfTI folder at that path."""
+    return folder if hasattr(folder, "read") else NiftiFolder(folder)
+
+
+def repair_nonfinite(view: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    """An image view [Z, T, H, W] with its non-finite voxels replaced by the mean of the
+    finite voxels among their 8 in-plane neighbours (same slice, same frame): (float32
+    array, number repaired). The view itself is not modified.
+
+    ExamError naming the file when more than `MAX_REPAIRED_FRACTION` of the view is
+    non-finite, or when a non-finite voxel has no finite neighbour (a cluster, not an
+    isolated glitch).
+    """
+    bad = ~np.isfinite(view)
+    count = int(bad.sum())
+    fraction = count / bad.size
+    kinds = "NaN" if np.isnan(view).any() else "infinite"
+    if fraction > MAX_REPAIRED_FRACTION:
+        raise ExamError(
+            f"{name}: {kinds} values in {count} voxels ({fraction:.3%} of the view), more "
+            f"than the {MAX_REPAIRED_FRACTION:.1%} that are repaired"
+        )
+    repaired = np.where(bad, np.float32(0), view).astype(np.float32)
+    frames = bad.any(axis=(2, 3))  # [Z, T]: only frames holding a bad voxel are filtered
+    values, valid = repaired[frames], (~bad[frames]).astype(np.float32)
+    height, width = view.shape[2:]
+
+    def neighbour_sum(a):  # the 3x3 in-plane neighbourhood's sum, zero outside the image
+        padded = np.pad(a, ((0, 0), (1, 1), (1, 1)))
+        return sum(padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3))
+
+    total, support = neighbour_sum(values), neighbour_sum(valid)
+    holes = bad[frames]
+    if (support[holes] == 0).any():
+        raise ExamError(
+            f"{name}: {kinds} values in {count} voxels, some with no finite in-plane "
+            "neighbour (a cluster, not isolated voxels): not repaired"
+        )
+    values[holes] = total[holes] / support[holes]
+    repaired[frames] = values
+    return repaired, count
+
+
+def load_view(folder, stem: str) -> tuple[np.ndarray, dict]:
     """An image view [Z, T, H, W] in its stored dtype (a view, no copy) plus its header dict.
 
-    Checks dimensionality, slice count and NaN/inf (blank images: `crop_image`).
+    folder: an exam folder or a source (`exam_source`). Checks dimensionality and slice
+    count; repairs isolated NaN/inf voxels (`repair_nonfinite`: then a float32 copy, and
+    info["repaired_voxels"] says how many) or raises. Blank images: `crop_image`.
     """
-    name = nifti_name(stem)
-    data, info = read_nifti(folder / name)
+    source = exam_source(folder)
+    name = source.name(stem)
+    data, info = source.read(stem)
     if stem == "sa":
         if data.ndim != 4:
             raise ExamError(f"{name}: expected 4-D (X, Y, Z, T), got shape {data.shape}")
@@ -60,9 +144,11 @@ def load_view(folder: Path, stem: str) -> tuple[np.ndarray, dict]:
         raise ExamError(f"{name}: expected 4-D (X, Y, 1, T), got shape {data.shape}")
     if 0 in data.shape:
         raise ExamError(f"{name}: empty array of shape {data.shape}")
+    view = data.transpose(2, 3, 1, 0)
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise ExamError(f"{name}: {'NaN' if np.isnan(data).any() else 'infinite'} values")
-    return data.transpose(2, 3, 1, 0), info
+        view, repaired = repair_nonfinite(view, name)
+        info = {**info, "repaired_voxels": repaired}
+    return view, info
 
 
 def load_segmentation(
@@ -73,8 +159,9 @@ def load_segmentation(
     shape: the image's [Z, T, H, W] to match, or None. convention None: the file's labels,
     not remapped (a view; remap the parts you use). ExamError if unusable.
     """
-    name = nifti_name(SEGMENTATION_FILE[view])
-    data, info = read_nifti(folder / name)
+    source = exam_source(folder)
+    name = source.name(SEGMENTATION_FILE[view])
+    data, info = source.read(SEGMENTATION_FILE[view])
     if data.ndim != 4:
         raise ExamError(f"{name}: expected 4-D (X, Y, Z, T), got shape {data.shape}")
     labels = data.transpose(2, 3, 1, 0)
@@ -195,9 +282,9 @@ def resample_time(volume: np.ndarray, frames: int, labels: bool = False) -> np.n
     )
 
 
-def _view_geometry(stem: str, info: dict, spacing, slices, row: int, col: int) -> dict:
-    return {
-        "file": nifti_name(stem),
+def _view_geometry(name: str, info: dict, spacing, slices, row: int, col: int) -> dict:
+    geometry = {
+        "file": name,
         "shape": info["shape"],
         "affine": info["affine"].tolist(),
         "pixel_spacing": [float(s) for s in spacing],
@@ -206,6 +293,29 @@ def _view_geometry(stem: str, info: dict, spacing, slices, row: int, col: int) -
         "frames": int(info["shape"][3]),
         "frame_duration": frame_duration_seconds(info),
     }
+    for key in ("series", "repaired_voxels"):  # DICOM series read; non-finite voxels repaired
+        if key in info:
+            geometry[key] = info[key]
+    return geometry
+
+
+def _view_notes(name: str, info: dict, frames: int, geometry: dict, short_axis=None) -> None:
+    """Warnings of a usable view: repaired voxels; frames resampled (a long-axis view only
+    when its frame count differs from the short axis's, `short_axis` = (name, count))."""
+    if info.get("repaired_voxels"):
+        voxels = info["repaired_voxels"]
+        fraction = voxels / math.prod(info["shape"])
+        geometry["warnings"].append(
+            f"{name}: {voxels} non-finite voxels ({fraction:.3%}) repaired from their "
+            "in-plane neighbours"
+        )
+    length = info["shape"][3]
+    if short_axis is None and length != frames:
+        geometry["warnings"].append(f"{name}: {length} frames resampled to {frames}")
+    elif short_axis is not None and length != short_axis[1]:
+        geometry["warnings"].append(
+            f"{name}: {length} frames ({short_axis[0]}: {short_axis[1]}) resampled to {frames}"
+        )
 
 
 def preprocess_exam(
@@ -221,11 +331,13 @@ def preprocess_exam(
 ) -> tuple[dict, dict]:
     """Read and preprocess one exam folder: (exam dict of `whmae.layout`, geometry dict).
 
-    phenotype_row: float [18] in `layout.PHENOTYPE_COLUMNS` order (NaN = missing), or None
-    (all missing). Raises ExamError (message names the file) if the exam must be rejected.
+    folder: an exam folder of NIfTI files, or a source (`exam_source`, e.g. a DICOM exam
+    from `whmae.data.dicom_exam.open_exam`). phenotype_row: float [18] in
+    `layout.PHENOTYPE_COLUMNS` order (NaN = missing), or None (all missing). Raises
+    ExamError (message names the file) if the exam must be rejected.
     """
-    folder = Path(folder)
-    eid = folder.name if eid is None else str(eid)
+    source = exam_source(folder)
+    eid = source.eid if eid is None else str(eid)
     label_maps.check_convention(label_convention)
     if la_crop not in LA_CROPS:
         raise ValueError(f"unknown long-axis crop {la_crop!r}; expected one of {LA_CROPS}")
@@ -240,19 +352,20 @@ def preprocess_exam(
         "frames": frames,
         "size": size,
         "label_convention": label_convention,
+        "input": source.kind,
         "views": {},
         "absent": [],
-        "warnings": [],
+        "warnings": list(source.warnings),
     }
 
-    if not (folder / nifti_name("sa")).is_file():
+    if not source.has("sa"):
         raise ExamError(
-            "sa.nii.gz: missing (exams without a short-axis stack are rejected: "
+            f"{source.name('sa')}: missing (exams without a short-axis stack are rejected: "
             "slice selection needs it)"
         )
-    short_axis, sa_info = load_view(folder, "sa")
+    short_axis, sa_info = load_view(source, "sa")
     # Remap only frame 0 (for the slice choice) and the window, not the whole stack.
-    seg_sa = _optional_segmentation(folder, "sa", short_axis.shape, None, geometry)
+    seg_sa = _optional_segmentation(source, "sa", short_axis.shape, None, geometry)
     window_seg = None
     try:
         ed_seg = (
@@ -270,7 +383,7 @@ def preprocess_exam(
     height, width = short_axis.shape[2:]
     row, col = crop_offsets(window_seg, height, width, size)
     planes = list(layout.SHORT_AXIS_PLANES)
-    window = crop_image(short_axis, row, col, size, nifti_name("sa"), slices[0], WINDOW)
+    window = crop_image(short_axis, row, col, size, source.name("sa"), slices[0], WINDOW)
     windows.update(zip(planes, resample_time(window, frames), strict=True))
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
@@ -278,24 +391,26 @@ def preprocess_exam(
     plane_mask[planes] = True
     zooms = sa_info["zooms"]
     spacing[planes] = (zooms[1], zooms[0])  # (row, col) = (Y, X)
-    geometry["views"]["sa"] = _view_geometry("sa", sa_info, spacing[planes[0]], slices, row, col)
+    sa_name = source.name("sa")
+    geometry["views"]["sa"] = _view_geometry(sa_name, sa_info, spacing[planes[0]], slices, row, col)
     geometry["views"]["sa"].update(planes=planes, slice_rule=rule_used, slice_spacing=zooms[2])
+    _view_notes(sa_name, sa_info, frames, geometry)
     frame_duration = geometry["views"]["sa"]["frame_duration"] * sa_info["shape"][3] / frames
     if math.isnan(frame_duration):
-        geometry["warnings"].append("sa.nii.gz: no frame duration in the header (pixdim[4])")
+        geometry["warnings"].append(f"{sa_name}: no frame duration in the header (pixdim[4])")
 
     for plane, stem in enumerate(LONG_AXIS_VIEWS):
-        if not (folder / nifti_name(stem)).is_file():
-            geometry["absent"].append(f"{nifti_name(stem)}: missing")
+        if not source.has(stem):
+            geometry["absent"].append(f"{source.name(stem)}: missing")
             continue
         try:
-            view, info = load_view(folder, stem)
+            view, info = load_view(source, stem)
             seg = None
             if stem in SEGMENTATION_FILE:
-                seg = _optional_segmentation(folder, stem, view.shape, label_convention, geometry)
+                seg = _optional_segmentation(source, stem, view.shape, label_convention, geometry)
             use_label = la_crop == "label" and seg is not None
             row, col = crop_offsets(seg if use_label else None, *view.shape[2:], size)
-            window = crop_image(view, row, col, size, nifti_name(stem))[0]
+            window = crop_image(view, row, col, size, source.name(stem))[0]
         except ExamError as e:
             geometry["absent"].append(str(e))
             continue
@@ -305,8 +420,11 @@ def preprocess_exam(
             label_mask[plane] = True
         plane_mask[plane] = True
         spacing[plane] = (info["zooms"][1], info["zooms"][0])
-        geometry["views"][stem] = _view_geometry(stem, info, spacing[plane], [0], row, col)
+        geometry["views"][stem] = _view_geometry(
+            source.name(stem), info, spacing[plane], [0], row, col
+        )
         geometry["views"][stem]["planes"] = [plane]
+        _view_notes(source.name(stem), info, frames, geometry, (sa_name, sa_info["shape"][3]))
 
     phenotypes = np.full(layout.NUM_PHENOTYPES, np.nan, np.float32)
     if phenotype_row is not None:
@@ -325,15 +443,15 @@ def preprocess_exam(
     return exam, geometry
 
 
-def _optional_segmentation(folder, view, shape, convention, geometry) -> np.ndarray | None:
+def _optional_segmentation(source, view, shape, convention, geometry) -> np.ndarray | None:
     """A view's labels (remapped unless convention is None), or None (absent or unusable;
     the reason goes to warnings)."""
-    name = nifti_name(SEGMENTATION_FILE[view])
-    if not (folder / name).is_file():
+    name = source.name(SEGMENTATION_FILE[view])
+    if not source.has(SEGMENTATION_FILE[view]):
         geometry["warnings"].append(f"{name}: missing (plane unlabelled)")
         return None
     try:
-        return load_segmentation(folder, view, shape, convention)[0]
+        return load_segmentation(source, view, shape, convention)[0]
     except ExamError as e:
         geometry["warnings"].append(f"{e} (plane unlabelled)")
         return None

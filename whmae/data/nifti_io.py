@@ -117,7 +117,7 @@ def frame_duration_seconds(info: dict) -> float:
 
 
 def prefetch_files(folder: str | os.PathLike) -> None:
-    """Ask the kernel to start reading a folder's .nii.gz files in the background
+    """Ask the kernel to start reading a folder's .nii.gz and .zip files in the background
     (POSIX_FADV_WILLNEED), so that `read_nifti` later waits less for the disk.
 
     Never raises: a missing folder or an unreadable file is found, and named, when it is
@@ -126,7 +126,7 @@ def prefetch_files(folder: str | os.PathLike) -> None:
     if not hasattr(os, "posix_fadvise"):
         return
     try:
-        paths = list(Path(folder).glob("*.nii.gz"))
+        paths = [*Path(folder).glob("*.nii.gz"), *Path(folder).glob("*.zip")]
     except OSError:
         return
     for path in paths:

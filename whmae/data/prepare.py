@@ -1,7 +1,13 @@
-"""`whmae-prepare`: UK Biobank-layout NIfTI exams + phenotype CSV -> an exam dataset.
+"""`whmae-prepare`: UK Biobank-layout NIfTI or DICOM exams + phenotype CSV -> an exam dataset.
 
     whmae-prepare --root /data/ukbb --phenotypes pheno.csv --out /data/whmae \
         --workers 16 [--shard i/n] [--exams-per-shard 128] [--split-file splits.csv]
+
+Input: each `<root>/<eid>/` folder holds NIfTI files (sa.nii.gz, la_*.nii.gz, seg_*) or
+DICOM (UK Biobank's field 20208 / 20209 zips, or .dcm series; `whmae.data.dicom_exam`),
+told apart per folder (`--input auto`, the default) or forced (`--input nifti|dicom`).
+`--dicom-views FILE`: JSON list of [regular expression, view or null] pairs tried on
+SeriesDescription before the UK Biobank defaults.
 
 Subjects are the union of the `<root>/<eid>/` folders and the CSV's eids, sorted; the
 sorted list is cut into shards of `--exams-per-shard` (the unit of work and of resume).
@@ -48,12 +54,15 @@ import time
 from pathlib import Path
 
 from whmae.data import records
+from whmae.data.dicom_exam import INPUTS, check_series_views, open_exam
 from whmae.data.label_maps import CONVENTIONS
 from whmae.data.manifest import (
     MANIFEST_FILE,
     SUMMARY_FILE,
     complete_shards,
     finalize_prepared,
+    flags_by_kind,
+    format_flags,
     write_prepared_shard,
 )
 from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
@@ -87,8 +96,9 @@ def _prepare_one(job: dict) -> dict:
     start = time.perf_counter()
     entry = {"eid": job["eid"], "shard": job["shard"]}
     try:
+        source = open_exam(job["folder"], **job.get("input", {}))
         exam, geometry = preprocess_exam(
-            job["folder"], eid=job["eid"], phenotype_row=job["phenotypes"], **job["options"]
+            source, eid=job["eid"], phenotype_row=job["phenotypes"], **job["options"]
         )
         # Encoded here, not in the writer process: that one only compresses and writes.
         record = records.encode_exam(exam, f"exam folder {job['folder']}")
@@ -105,6 +115,13 @@ def _prepare_one(job: dict) -> dict:
         slices=geometry["views"]["sa"]["slices"],
         seconds=round(time.perf_counter() - start, 4),
     )
+    if geometry.get("input", "nifti") != "nifti":
+        entry["input"] = geometry["input"]
+    repaired = {
+        s: v["repaired_voxels"] for s, v in geometry["views"].items() if "repaired_voxels" in v
+    }
+    if repaired:
+        entry["repaired_voxels"] = repaired
     return {**entry, "record": record, "geometry": geometry}
 
 
@@ -149,6 +166,8 @@ def prepare_dataset(
     progress: bool = True,
     stop_after_shards: int | None = None,
     prefetch: int = 1,
+    input_format: str = "auto",
+    series_views=None,
 ) -> dict:
     """Write this host's shards of the dataset (resuming), then finalize if all are done.
 
@@ -157,11 +176,17 @@ def prepare_dataset(
     many shards (tests of interruption / resume). split_file: CSV eid,split (see module
     docstring); strict_split: reject subjects it does not list instead of hash-splitting.
     prefetch: exams ahead whose files each worker asks the disk for (0: none).
+    input_format: "auto" | "nifti" | "dicom" per folder; series_views: [pattern, view or
+    None] pairs for DICOM series descriptions (`dicom_exam.open_exam`). summary["note"]
+    says why this host wrote nothing, when it did not.
     """
     from tqdm import tqdm
 
     if prefetch < 0:
         raise ValueError(f"--prefetch must be >= 0 (exams read ahead), got {prefetch}")
+    if input_format not in INPUTS:
+        raise ValueError(f"--input must be one of {INPUTS}, got {input_format!r}")
+    series_views = check_series_views(series_views)
     out_dir = Path(out_dir)
     phenotypes, cell_warnings, csv_warnings = read_phenotype_csv(phenotype_csv, eid_column)
     eids, folders = list_subjects(root, phenotypes)
@@ -186,15 +211,32 @@ def prepare_dataset(
         "require_phenotypes": require_phenotypes,
         "eid_column": eid_column,
     }
+    source = {"input_format": input_format, "series_views": series_views}
+    if input_format != "auto" or series_views:  # recorded only when set: older runs resume
+        arguments["input"] = {**source, "series_views": [list(p) for p in series_views]}
     if split_file is not None:  # a resume must use the same split lists
         arguments["split_file_sha256"] = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
         arguments["strict_split"] = strict_split
     _check_arguments(out_dir, arguments)
     host, hosts = host_shard
     done = complete_shards(out_dir, num_shards)
-    todo = [s for s in range(host, num_shards, hosts) if s not in done]
+    mine = list(range(host, num_shards, hosts))
+    todo = [s for s in mine if s not in done]
     if stop_after_shards is not None:
         todo = todo[:stop_after_shards]
+    note = None
+    if not mine:
+        note = (
+            f"host {host}/{hosts} has no shards to write: {len(eids)} subjects make "
+            f"{num_shards} shard(s) of --exams-per-shard {exams_per_shard}, and host i "
+            f"writes shards i, i + {hosts}, ...; use at most {num_shards} host(s) or a "
+            "smaller --exams-per-shard"
+        )
+    elif not todo:
+        note = (
+            f"host {host}/{hosts}: its {len(mine)} shard(s) are already complete in "
+            f"{out_dir}: nothing to write"
+        )
 
     def shard_jobs(shard):
         jobs = []
@@ -204,12 +246,13 @@ def prepare_dataset(
                 job = _assign_split(job, assignment, split_file, strict_split)
             if "status" not in job:
                 job.update(options=options, flags=job["flags"] + cell_warnings.get(eid, []))
+                job["input"] = source
             jobs.append(job)
         return jobs
 
     tasks = [(slot, shard, shard_jobs(shard)) for slot, shard in enumerate(todo)]
     total = sum(len(jobs) for _, _, jobs in tasks)
-    start, counts = time.perf_counter(), collections.Counter()
+    start, counts, entries_here = time.perf_counter(), collections.Counter(), []
     pool = WorkerPool(workers, len(tasks)) if workers > 1 and total > 1 else None
     if pool is None:
         keep_freed_memory()  # what the pool's workers do (see its docstring)
@@ -233,6 +276,7 @@ def prepare_dataset(
                 done = ((shard, in_this_process(shard, jobs)) for _, shard, jobs in tasks)
             for _, entries in done:
                 counts.update(e["status"] for e in entries)
+                entries_here += entries
     finally:
         if pool is not None:
             pool.shutdown()
@@ -247,6 +291,8 @@ def prepare_dataset(
         "exams_per_second": round(total / seconds, 3) if total and seconds > 0 else None,
         "workers": workers,
         "csv_warnings": csv_warnings,
+        "flags_by_kind": flags_by_kind(entries_here),
+        "note": note,
     }
     if finalize and len(complete_shards(out_dir, num_shards)) == num_shards:
         summary["dataset"] = finalize_prepared(
@@ -352,8 +398,26 @@ def main(argv: list[str] | None = None) -> int:
         help="with --split-file: reject subjects it does not list",
     )
     parser.add_argument("--no-finalize", action="store_true", help="leave merging to another host")
+    parser.add_argument(
+        "--input",
+        default="auto",
+        choices=INPUTS,
+        help="exam folders of NIfTI or DICOM (zips / .dcm series); auto: told apart per folder",
+    )
+    parser.add_argument(
+        "--dicom-views",
+        default=None,
+        help="JSON file: [[regular expression, view or null], ...] matched on DICOM "
+        "SeriesDescription before the UK Biobank defaults (views: sa, la_2ch, la_3ch, la_4ch)",
+    )
     args = parser.parse_args(argv)
     try:
+        series_views = None
+        if args.dicom_views is not None:
+            try:
+                series_views = json.loads(Path(args.dicom_views).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--dicom-views {args.dicom_views}: not JSON ({e})") from None
         summary = prepare_dataset(
             args.root,
             args.phenotypes,
@@ -372,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             split_file=args.split_file,
             strict_split=args.strict_split,
             finalize=not args.no_finalize,
+            input_format=args.input,
+            series_views=series_views,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-prepare: {e}", file=sys.stderr)
@@ -379,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     for warning in summary["csv_warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     rate = summary["exams_per_second"]
+    if summary["note"]:
+        print(summary["note"])
     print(
         f"host {summary['host_shard']}: {summary['exams_processed']} exams in "
         f"{summary['seconds']:.1f} s ({rate or 0:.2f} exams/s): written {summary['written']}"
@@ -386,11 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     dataset = summary.get("dataset")
     if dataset is None:
+        for line in format_flags(summary["flags_by_kind"]):  # this host's exams
+            print(line)
         print("dataset not finalized yet (other hosts' shards missing); rerun to finalize")
         return 0
     print(dataset["line"])
     for eid, reason in dataset["rejections"].items():
         print(f"  rejected {eid}: {reason}")
+    for line in format_flags(dataset["flags_by_kind"]):
+        print(line)
     print(f"wrote {Path(args.out) / MANIFEST_FILE} and {Path(args.out) / SUMMARY_FILE}")
     return 0
 
