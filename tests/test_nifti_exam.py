@@ -7,21 +7,33 @@ import zlib
 import nibabel as nib
 import numpy as np
 import pytest
-from ukbb_fixtures import ISOLATED_NANS, break_exam, make_exam_folder
+from ukbb_fixtures import (
+    ISOLATED_NANS,
+    apply_grid_symmetry,
+    break_exam,
+    keep_short_axis_slices,
+    make_exam_folder,
+    reorient_exam_folder,
+)
 
 from whmae import layout
 from whmae.data import label_maps, nifti_io
 from whmae.data.nifti_exam import (
+    IDENTITY_ORIENTATION,
     MAX_REPAIRED_FRACTION,
+    ORIENTATION_VERSION,
     ExamError,
+    canonical_orientation,
     crop,
     crop_offsets,
     frame_duration_seconds,
+    orient,
     preprocess_exam,
     repair_nonfinite,
     resample_time,
     restore_labels,
     select_short_axis_slices,
+    unorient,
 )
 
 SA = list(layout.SHORT_AXIS_PLANES)
@@ -44,6 +56,11 @@ def folders(tmp_path_factory):
         )
         out[eid] = (root / eid, truth)
     return out
+
+
+def canonical(volume: np.ndarray, geometry: dict, view: str = "sa") -> np.ndarray:
+    """A file-grid [..., H, W] truth in the record's canonical orientation."""
+    return orient(volume, geometry["views"][view]["orientation"])
 
 
 def reference_window(labels_sa: np.ndarray) -> list[int]:
@@ -80,13 +97,13 @@ def test_reference_slices_and_crop_keep_the_whole_heart(folders):
         window = reference_window(labels_sa)
         assert geometry["views"]["sa"]["slices"] == window, eid
         row, col = geometry["views"]["sa"]["crop"]
-        expected = crop(labels_sa[window], row, col, 40)
+        expected = crop(canonical(labels_sa[window], geometry), row, col, 40)
         np.testing.assert_array_equal(exam["labels"][SA], expected)
         # Nothing of the heart is cut off in the chosen slices (40 px crop of a 48-80 matrix).
         counts = [(labels_sa[window] == c).sum() for c in (1, 2, 3)]
         assert [(exam["labels"][SA] == c).sum() for c in (1, 2, 3)] == counts
         # Images are the same pixels, min-max normalised: bright where the truth is bright.
-        images = crop(truth["images_sa"][window].astype(float), row, col, 40)
+        images = crop(canonical(truth["images_sa"][window], geometry).astype(float), row, col, 40)
         assert np.corrcoef(images.ravel(), exam["images"][SA].ravel())[0, 1] > 0.999
 
 
@@ -105,8 +122,18 @@ def test_slice_rules_on_hand_made_stacks():
     late[:, 1, 1, 1] = layout.LV_BLOOD_POOL
     assert select_short_axis_slices(late, 14, "reference") == (list(range(4, 10)), "centre")
     assert select_short_axis_slices(None, 7, "reference") == (list(range(0, 6)), "centre")
-    with pytest.raises(ExamError, match="only 5 short-axis slices, need 6"):
-        select_short_axis_slices(None, 5, "centre")
+    # A partial stack: the same rule, the window shifted to hold the whole stack; indices
+    # outside the stack are the planes it does not reach.
+    assert select_short_axis_slices(None, 5, "centre") == (list(range(-1, 5)), "centre")
+    assert select_short_axis_slices(None, 3, "centre") == (list(range(-2, 4)), "centre")
+    seg4 = np.zeros((4, 2, 4, 4), np.uint8)
+    seg4[:, 0, 1, 1] = layout.LV_BLOOD_POOL
+    assert select_short_axis_slices(seg4, 4, "reference") == (list(range(0, 6)), "reference")
+    assert select_short_axis_slices(seg4, 4, "lv_centre") == (list(range(-1, 5)), "lv_centre")
+    seg4[1:] = 0  # LV only in the first (basal) slice: the window ends with the stack
+    assert select_short_axis_slices(seg4, 4, "lv_centre") == (list(range(-2, 4)), "lv_centre")
+    with pytest.raises(ExamError, match="only 2 short-axis slices, need at least 3"):
+        select_short_axis_slices(None, 2, "centre")
 
 
 def test_crop_offsets_pad_and_clamp():
@@ -148,7 +175,7 @@ def test_frames_resampled_from_30_to_50(folders):
     exam, geometry = preprocess_exam(folder, frames=50, size=40)
     window, (row, col) = geometry["views"]["sa"]["slices"], geometry["views"]["sa"]["crop"]
     nearest = np.rint(np.arange(50) * 30 / 50).astype(int) % 30
-    expected = crop(truth["labels_sa"][window][:, nearest], row, col, 40)
+    expected = crop(canonical(truth["labels_sa"][window][:, nearest], geometry), row, col, 40)
     np.testing.assert_array_equal(exam["labels"][SA], expected)
     assert exam["images"].shape == (9, 50, 40, 40)
 
@@ -162,8 +189,11 @@ def test_restore_labels_round_trip(folders):
             assert restored[view].shape == seg.shape, (eid, view)
             g = geometry["views"][view]
             row, col = g["crop"]
-            inside = np.zeros(seg.shape, bool)  # (X, Y, Z, T): X = columns, Y = rows
-            inside[max(col, 0) : col + 40, max(row, 0) : row + 40, g["slices"]] = True
+            # The crop is in the canonical grid: marked there, then back to (X, Y, Z, T).
+            z, t, height, width = canonical(seg.transpose(2, 3, 1, 0), geometry, view).shape
+            inside = np.zeros((z, t, height, width), bool)
+            inside[g["slices"], :, max(row, 0) : row + 40, max(col, 0) : col + 40] = True
+            inside = unorient(inside, g["orientation"]).transpose(3, 2, 0, 1)
             np.testing.assert_array_equal(restored[view][inside], seg[inside], err_msg=eid)
             assert not restored[view][~inside].any()
         # The whole heart was inside the crop, so the SA window restores exactly.
@@ -178,7 +208,8 @@ def test_padding_when_the_matrix_is_smaller_than_the_crop(folders):
     exam, geometry = preprocess_exam(folder, frames=30, size=64)
     assert geometry["views"]["sa"]["crop"] == [-8, -8]
     window = geometry["views"]["sa"]["slices"]
-    np.testing.assert_array_equal(exam["labels"][SA][..., 8:56, 8:56], truth["labels_sa"][window])
+    expected = canonical(truth["labels_sa"][window], geometry)
+    np.testing.assert_array_equal(exam["labels"][SA][..., 8:56, 8:56], expected)
     border = exam["images"][SA][..., :8, :]
     assert border.max() == 0  # padding is the image minimum, i.e. 0 after min-max
 
@@ -338,7 +369,12 @@ def test_isolated_nan_voxels_are_repaired_and_recorded(tmp_path):
     assert geometry["views"]["sa"]["repaired_voxels"] == len(ISOLATED_NANS)
     differ = np.argwhere(exam["images"] != clean["images"])  # [plane, t, row, col]
     slices = geometry["views"]["sa"]["slices"]
-    inside = {(SA[slices.index(z)], t, y, x) for x, y, z, t in ISOLATED_NANS if z in slices}
+    repaired = np.zeros((10, 20, 48, 48), bool)  # the file's [Z, T, H = Y, W = X]
+    for x, y, z, t in ISOLATED_NANS:
+        repaired[z, t, y, x] = True
+    planes = np.zeros((9, 20, 48, 48), bool)  # the crop is the whole (canonical) image
+    planes[SA] = canonical(repaired, geometry)[slices]
+    inside = {tuple(v) for v in np.argwhere(planes)}
     assert {tuple(d) for d in differ} <= inside  # only the repaired voxels can change
     assert np.abs(exam["images"].astype(int) - clean["images"]).max() < 40
 
@@ -408,8 +444,8 @@ def test_unexpected_segmentation_values_leave_the_plane_unlabelled(tmp_path):
 
 def test_long_axis_crop_central_or_on_the_atria(folders):
     folder, truth = folders["2000002"]  # 80 x 80
-    atria = truth["long_axis"]["la_4ch"] >= layout.LA  # [T, H, W] LA and RA
     central, geometry = preprocess_exam(folder, frames=30, size=48)
+    atria = canonical(truth["long_axis"]["la_4ch"] >= layout.LA, geometry, "la_4ch")  # [T, H, W]
     assert geometry["views"]["la_4ch"]["crop"] == [16, 16]
     exam, geometry = preprocess_exam(folder, frames=30, size=48, la_crop="label")
     row, col = geometry["views"]["la_4ch"]["crop"]
@@ -420,3 +456,147 @@ def test_long_axis_crop_central_or_on_the_atria(folders):
     assert rows[-1] - rows[0] < 48 and cols[-1] - cols[0] < 48
     assert (exam["labels"][layout.LA_4CH] >= layout.LA).sum() == atria.sum()
     np.testing.assert_array_equal(exam["labels"][SA], central["labels"][SA])
+
+
+@pytest.mark.parametrize(
+    # rule, the full stack's first slice kept, the partial window's planes holding the stack
+    ("rule", "first", "planes"),
+    [
+        ("centre", 3, [1, 2, 3, 4]),  # 4 slices centred: window starts one slice early
+        ("reference", 2, [0, 1, 2, 3]),  # LV from slice 0: window from slice 0 + 2
+    ],
+)
+def test_a_partial_stack_keeps_its_planes_where_the_slice_rule_puts_them(
+    tmp_path, rule, first, planes
+):
+    make_exam_folder(tmp_path / "full", "4", 8, size=48, frames=20, num_slices=10)
+    shutil.copytree(tmp_path / "full/4", tmp_path / "partial/4")
+    if first == 3:
+        reason = break_exam(tmp_path / "partial/4", "partial_sa")  # slices 3..6 of the 10
+    else:
+        keep_short_axis_slices(tmp_path / "partial/4", first, 4)
+        reason = "sa.nii.gz: partial stack of 4 short-axis slices"
+    # size = the matrix: both crops are the whole image, so the pixels line up.
+    full, full_geometry = preprocess_exam(tmp_path / "full/4", frames=20, size=48, slice_rule=rule)
+    exam, geometry = preprocess_exam(tmp_path / "partial/4", frames=20, size=48, slice_rule=rule)
+    assert full_geometry["views"]["sa"]["slices"] == [2, 3, 4, 5, 6, 7]
+    assert full_geometry["views"]["sa"]["slice_rule"] == geometry["views"]["sa"]["slice_rule"]
+    # The full stack's slices first..first+3 sit at the same planes in both records.
+    present = [SA[p] for p in planes]
+    assert geometry["views"]["sa"]["planes"] == present
+    assert geometry["views"]["sa"]["slices"] == [0, 1, 2, 3]
+    assert [full_geometry["views"]["sa"]["slices"][p] for p in planes] == list(
+        range(first, first + 4)
+    )
+    absent = [p for p in SA if p not in present]
+    assert exam["plane_mask"].tolist() == [p not in absent for p in range(layout.NUM_PLANES)]
+    assert not exam["label_mask"][absent].any() and exam["label_mask"][present].all()
+    assert not exam["images"][absent].any() and not exam["labels"][absent].any()
+    assert np.isnan(exam["pixel_spacing"][absent]).all()
+    np.testing.assert_array_equal(exam["labels"][present], full["labels"][present])
+    np.testing.assert_array_equal(exam["pixel_spacing"][present], full["pixel_spacing"][present])
+    # Same pixels; uint8 levels agree up to the exam-wide min-max over fewer planes.
+    image, reference = exam["images"][present].astype(float), full["images"][present]
+    assert np.corrcoef(image.ravel(), reference.ravel())[0, 1] > 0.9999
+    planes = ",".join(map(str, absent))
+    assert geometry["absent"] == [f"{reason} (fewer than 6): planes '{planes}' absent"]
+    # Predicted labels go back into the 4-slice file's own slices.
+    restored = restore_labels(exam["labels"], geometry)["sa"]
+    written = np.asanyarray(nib.load(str(tmp_path / "partial/4/seg_sa.nii.gz")).dataobj)
+    slices = geometry["views"]["sa"]["slices"]
+    np.testing.assert_array_equal(restored[:, :, slices], written[:, :, slices])
+
+
+def test_too_short_a_stack_is_rejected_naming_subject_and_file(tmp_path):
+    make_exam_folder(tmp_path, "5", 8, size=48, frames=20, num_slices=10)
+    reason = break_exam(tmp_path / "5", "few_slices")
+    with pytest.raises(ExamError, match="need at least 3") as error:
+        preprocess_exam(tmp_path / "5", frames=20, size=48)
+    assert str(error.value).startswith(reason) and "subject 5" in reason
+
+
+FIELDS = ("images", "labels", "plane_mask", "label_mask", "pixel_spacing", "slice_spacing")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_rotated_and_flipped_files_of_one_heart_give_the_same_record(folders, tmp_path, seed):
+    eid = "2000002"  # 80 x 80, 30 frames
+    folder, _ = folders[eid]
+    symmetries = reorient_exam_folder(folder, tmp_path / eid, seed)
+    reference, geometry = preprocess_exam(folder, frames=30, size=48)
+    exam, moved = preprocess_exam(tmp_path / eid, frames=30, size=48)
+    for field in FIELDS:
+        np.testing.assert_array_equal(exam[field], reference[field], err_msg=f"{seed} {field}")
+    assert exam["plane_mask"].all() and moved["orientation"] == ORIENTATION_VERSION
+    # Some views are stored in another voxel order, so their transforms differ.
+    transforms = [
+        (geometry["views"][v]["orientation"], moved["views"][v]["orientation"]) for v in symmetries
+    ]
+    assert any(a != b for a, b in transforms), symmetries
+    for view in symmetries:
+        g, h = geometry["views"][view], moved["views"][view]
+        assert h["crop"] == g["crop"] and h["slices"] == g["slices"], view
+        # The stored transform differs with the file's voxel order, the result does not.
+        file_view = np.asanyarray(nib.load(str(tmp_path / eid / f"{view}.nii.gz")).dataobj)
+        original = np.asanyarray(nib.load(str(folder / f"{view}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(
+            orient(file_view.transpose(2, 3, 1, 0), h["orientation"]),
+            orient(original.transpose(2, 3, 1, 0), g["orientation"]),
+        )
+    # Labels go back into each file's own voxel order: the original's restored labels
+    # under the same symmetry (and, inside the window, the file's segmentation itself).
+    restored = restore_labels(exam["labels"], moved)
+    expected = restore_labels(reference["labels"], geometry)
+    for view, symmetry in symmetries.items():
+        np.testing.assert_array_equal(
+            restored[view], apply_grid_symmetry(expected[view], symmetry), err_msg=view
+        )
+    window = moved["views"]["sa"]["slices"]
+    seg = np.asanyarray(nib.load(str(tmp_path / eid / "seg_sa.nii.gz")).dataobj)
+    np.testing.assert_array_equal(restored["sa"][:, :, window], seg[:, :, window])
+
+
+def test_canonical_orientation_points_columns_left_and_rows_down():
+    # An axial plane stored with X toward the patient's right and Y anterior (RAS+):
+    # canonical columns run toward the left (flip X), rows toward posterior (flip Y).
+    axial = np.diag([1.0, 1.0, 1.0, 1.0])
+    assert canonical_orientation(axial) == {
+        "transpose": False,
+        "flip_rows": True,
+        "flip_cols": True,
+    }
+    # Already canonical: X toward the left, Y toward posterior-inferior.
+    canonical_affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    assert canonical_orientation(canonical_affine) == IDENTITY_ORIENTATION
+    # X and Y swapped: a transpose.
+    swapped = canonical_affine[:, [1, 0, 2, 3]]
+    assert canonical_orientation(swapped)["transpose"]
+    with pytest.raises(ValueError, match="degenerate"):
+        canonical_orientation(np.zeros((4, 4)))
+    view = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for transpose in (False, True):
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                o = {"transpose": transpose, "flip_rows": flip_rows, "flip_cols": flip_cols}
+                np.testing.assert_array_equal(unorient(orient(view, o), o), view)
+
+
+def test_geometry_without_orientation_is_the_files_and_a_newer_version_is_refused(folders):
+    folder, _ = folders["2000001"]
+    exam, geometry = preprocess_exam(folder, frames=50, size=40)
+    restored = restore_labels(exam["labels"], geometry)
+    # Before versioning, records kept each file's orientation: no transform to undo.
+    old = {k: v for k, v in geometry.items() if k != "orientation"}
+    old["views"] = {k: {**v, "orientation": None} for k, v in geometry["views"].items()}
+    identity = {**geometry, "views": {
+        k: {**v, "orientation": IDENTITY_ORIENTATION} for k, v in geometry["views"].items()
+    }}  # fmt: skip
+    for view, labels in restore_labels(exam["labels"], old).items():
+        np.testing.assert_array_equal(labels, restore_labels(exam["labels"], identity)[view])
+    assert any(v["orientation"] != IDENTITY_ORIENTATION for v in geometry["views"].values())
+    assert any(
+        not np.array_equal(restored[v], restore_labels(exam["labels"], identity)[v])
+        for v in restored
+    )
+    with pytest.raises(ValueError, match="orientation version 2"):
+        restore_labels(exam["labels"], {**geometry, "orientation": 2})

@@ -16,7 +16,7 @@ from ukbb_fixtures import (
 
 from whmae import layout
 from whmae.data import prepare, qc, records, shards
-from whmae.data.nifti_exam import preprocess_exam, restore_labels
+from whmae.data.nifti_exam import ORIENTATION_VERSION, preprocess_exam, restore_labels
 from whmae.data.splits import split_of
 from whmae.phenotypes import phenotypes_from_segmentations
 
@@ -29,7 +29,14 @@ GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
     "3100005": (5, 72, 30, 13, "sec"),  # has a folder but no CSV row
 }
 BROKEN = BREAKS  # every broken case the fixture builder knows
-WRITTEN_BROKEN = {"missing_la_4ch", "la_4ch_wrong_dims", "missing_seg_sa", "nan_sa_isolated"}
+WRITTEN_BROKEN = {
+    "missing_la_4ch",
+    "la_4ch_wrong_dims",
+    "missing_seg_sa",
+    "nan_sa_isolated",
+    "partial_sa",
+}
+PARTIAL = "3200010"  # a 4-slice short-axis stack: written, two planes absent
 CSV_ONLY = "3199999"
 NO_ROW = "3100005"
 OPTIONS = {"frames": 50, "size": 40, "exams_per_shard": 4}
@@ -37,7 +44,7 @@ OPTIONS = {"frames": 50, "size": 40, "exams_per_shard": 4}
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """(root, csv path, truths by eid, expected reasons by eid) of 17 subjects."""
+    """(root, csv path, truths by eid, expected reasons by eid) of 18 subjects."""
     base = tmp_path_factory.mktemp("cohort")
     root, truths, reasons = base / "exams", {}, {}
     for eid, (index, size, frames, slices, unit) in GOOD.items():
@@ -90,7 +97,7 @@ def test_manifest_lists_every_subject_with_reasons(cohort, prepared):
     _, _, truths, reasons = cohort
     out, summary = prepared
     dataset = summary["dataset"]
-    assert dataset["line"] == "exams found = 17 = written 10 + rejected 7"
+    assert dataset["line"] == "exams found = 18 = written 11 + rejected 7"
     assert json.loads((out / prepare.SUMMARY_FILE).read_text()) == dataset
     entries = manifest(out)
     assert sorted(entries) == sorted([*truths, CSV_ONLY])
@@ -108,6 +115,13 @@ def test_manifest_lists_every_subject_with_reasons(cohort, prepared):
     assert entries["3200009"]["repaired_voxels"] == {"sa": 4}  # isolated NaNs, repaired
     assert "repaired_voxels" not in entries["3100000"]
     assert dataset["flags_by_kind"]["absent"]["la_4ch.nii.gz: missing"]["eids"] == ["3200000"]
+    # The partial stack: its absent planes in the manifest and counted by kind.
+    partial = "sa.nii.gz: partial stack of # short-axis slices (fewer than #): planes '…' absent"
+    assert dataset["flags_by_kind"]["absent"][partial] == {"count": 1, "eids": [PARTIAL]}
+    assert entries[PARTIAL]["absent"][0].endswith(
+        "planes '7,8' absent"
+    )  # reference rule: from slice 0
+    assert len(entries[PARTIAL]["slices"]) == 4
 
 
 def test_dataset_equals_direct_preprocessing_with_phenotypes_joined(cohort, prepared):
@@ -117,7 +131,7 @@ def test_dataset_equals_direct_preprocessing_with_phenotypes_joined(cohort, prep
     exams = read_exams(out)
     assert sorted(exams) == sorted(e for e, v in entries.items() if v["status"] == "written")
     info = records.read_dataset_info(out)
-    assert info["image_shape"] == [9, 50, 40, 40] and info["num_examples"] == 10
+    assert info["image_shape"] == [9, 50, 40, 40] and info["num_examples"] == 11
     for eid, exam in exams.items():
         direct, _ = preprocess_exam(root / eid, frames=50, size=40)
         for field in ("images", "labels", "plane_mask", "label_mask", "pixel_spacing"):
@@ -152,6 +166,25 @@ def test_geometry_sidecars_restore_labels_into_the_original_grid(cohort, prepare
         # Back in (X, Y, Z, T): the truth labels [Z, T, H, W] of the window, transposed.
         expected = truths[eid]["labels_sa"][window].transpose(3, 2, 0, 1)
         np.testing.assert_array_equal(restored["sa"][:, :, window], expected, err_msg=eid)
+    # The 4-slice stack (the original's slices 3..6): its four planes back in its own slices.
+    restored = restore_labels(exams[PARTIAL]["labels"], geometry[PARTIAL], file_labels=False)
+    slices = geometry[PARTIAL]["views"]["sa"]["slices"]
+    assert slices == [0, 1, 2, 3] and restored["sa"].shape[2] == 4
+    expected = truths[PARTIAL]["labels_sa"][[3 + z for z in slices]].transpose(3, 2, 0, 1)
+    np.testing.assert_array_equal(restored["sa"], expected)
+    assert geometry[PARTIAL]["orientation"] == ORIENTATION_VERSION
+
+
+def test_a_directory_of_an_earlier_orientation_is_refused(cohort, prepared, tmp_path):
+    """Records written before canonical orientation keep each file's orientation: a rerun
+    into such a directory must not add canonical records to them."""
+    root, csv_path, _, _ = cohort
+    arguments = json.loads((prepared[0] / prepare.ARGS_FILE).read_text())
+    assert arguments["orientation"] == ORIENTATION_VERSION
+    del arguments["orientation"]
+    (tmp_path / prepare.ARGS_FILE).write_text(json.dumps(arguments))
+    with pytest.raises(ValueError, match="'orientation': \\(None, 1\\)"):
+        prepare.prepare_dataset(root, csv_path, tmp_path, workers=1, progress=False, **OPTIONS)
 
 
 def test_resume_after_an_interrupted_run(cohort, prepared, tmp_path, monkeypatch):
@@ -214,7 +247,7 @@ def test_hosts_split_the_subjects_and_form_one_dataset(cohort, prepared, tmp_pat
     second = prepare.prepare_dataset(
         root, csv_path, tmp_path, workers=1, progress=False, host_shard=(1, 2), **OPTIONS
     )
-    assert second["dataset"]["line"] == "exams found = 17 = written 10 + rejected 7"
+    assert second["dataset"]["line"] == "exams found = 18 = written 11 + rejected 7"
     merged = records.read_dataset_info(tmp_path)
     single = records.read_dataset_info(prepared[0])
     assert merged["splits"] == single["splits"]
@@ -239,7 +272,7 @@ def test_cli_require_phenotypes_and_bad_arguments(cohort, tmp_path, capsys):
     ]
     assert prepare.main(args) == 0
     printed = capsys.readouterr().out
-    assert "exams found = 17 = written 9 + rejected 8" in printed
+    assert "exams found = 18 = written 10 + rejected 8" in printed
     assert f"rejected {NO_ROW}: no phenotype CSV row (--require-phenotypes)" in printed
     # Every warning kind on the console: count and first exams (not only in the manifest).
     warnings, absent = printed.split("warnings by kind")[1].split("absent planes by kind")
@@ -262,7 +295,7 @@ def test_cli_require_phenotypes_and_bad_arguments(cohort, tmp_path, capsys):
     assert prepare.main(empty) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(
-        "host 5/6 has no shards to write: 17 subjects make 5 shard(s) of --exams-per-shard 4, "
+        "host 5/6 has no shards to write: 18 subjects make 5 shard(s) of --exams-per-shard 4, "
         "and host i writes shards i, i + 6, ...; use at most 5 host(s) or a smaller "
         "--exams-per-shard\nhost 5/6: 0 exams"
     )
@@ -353,17 +386,29 @@ def test_split_file_decides_splits_and_unlisted_subjects_are_flagged(cohort, tmp
         prepare.read_split_file(split_csv)
 
 
-def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path):
-    root, _, truths, _ = cohort
+def test_qc_recomputes_phenotypes_from_the_full_stack(cohort, tmp_path, capsys):
+    root, _, truths, reasons = cohort
     rows = {eid: truths[eid]["phenotypes"].copy() for eid in GOOD}
     lvm = layout.phenotype_index("LVM (g)")
     rows["3100002"][lvm] *= 1.5  # a wrong CSV value
+    rows[CSV_ONLY] = truths["3100001"]["phenotypes"]  # a CSV row without a folder
     csv_path = tmp_path / "pheno.csv"
     write_phenotype_csv(csv_path, rows)
     args = ["--root", str(root), "--phenotypes", str(csv_path), "--out", str(tmp_path / "qc")]
     assert qc.main([*args, "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "qc" / qc.SUMMARY_FILE).read_text())
-    assert summary["exams"] == 16 and summary["computed"] == 15
+    assert summary["exams"] == 17 and summary["computed"] == 16
+    # Subjects on one side only are reported, not skipped: the 11 broken folders have no
+    # CSV row here (computed, nothing to compare), the CSV-only eid nothing to compute.
+    no_row = sorted(reasons)
+    assert summary["folders_without_csv_row"] == no_row and len(no_row) == 11
+    assert summary["csv_rows_without_folder"] == [CSV_ONLY]
+    assert (
+        f"  11 exam folders without a CSV row (not compared): {', '.join(no_row[:5])} ...\n"
+        in printed
+    )
+    assert f"  1 CSV eids without an exam folder (not computed): {CSV_ONLY}\n" in printed
     assert summary["failed"] == {
         "3200008": "seg_sa.nii.gz: missing (ventricular phenotypes need it)"
     }

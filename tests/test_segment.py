@@ -10,7 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from flax import nnx
-from ukbb_fixtures import break_exam, make_exam_folder
+from ukbb_fixtures import (
+    apply_grid_symmetry,
+    break_exam,
+    make_exam_folder,
+    reorient_exam_folder,
+)
 
 from whmae import layout
 from whmae.finetune import finetune
@@ -43,15 +48,17 @@ def segmented(tiny_dataset, tmp_path_factory):
     make_exam_folder(root, "1002", 1, size=24, frames=7, num_slices=9)
     make_exam_folder(root, "1003", 2, size=40, frames=10, num_slices=8)
     reason = break_exam(root / "1003", "few_slices")
+    # 1001's files stored rotated / flipped (with matching affines): the same heart.
+    symmetries = reorient_exam_folder(root / "1001", root / "1004", seed=1)
     out = tmp_path_factory.mktemp("out")
     argv = ["--checkpoint", str(workdir), "--root", str(root), "--out", str(out)]
     assert main([*argv, "--batch-size", "4"]) == 0
-    return root, out, reason
+    return root, out, reason, symmetries
 
 
 def test_label_maps_have_the_input_grid_and_file_labels(segmented):
-    root, out, _ = segmented
-    for eid in ("1001", "1002"):
+    root, out, _, _ = segmented
+    for eid in ("1001", "1002", "1004"):
         for seg, image in INPUT.items():
             source = nib.load(str(root / eid / f"{image}.nii.gz"))
             written = nib.load(str(out / eid / f"{seg}.nii.gz"))
@@ -69,14 +76,27 @@ def test_label_maps_have_the_input_grid_and_file_labels(segmented):
 
 
 def test_broken_exam_is_reported_and_phenotypes_cover_the_rest(segmented):
-    _, out, reason = segmented
+    _, out, reason, _ = segmented
     summary = json.loads((out / "segment_summary.json").read_text())
-    assert summary["found"] == 3
-    assert sorted(summary["written"]) == ["1001", "1002"]
+    assert summary["found"] == 4
+    assert sorted(summary["written"]) == ["1001", "1002", "1004"]
     assert list(summary["failed"]) == ["1003"] and reason in summary["failed"]["1003"]
     assert not (out / "1003").exists()
     with (out / "phenotypes.csv").open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["eid", *layout.PHENOTYPE_COLUMNS]
-    assert sorted(r[0] for r in rows[1:]) == ["1001", "1002"]
+    assert sorted(r[0] for r in rows[1:]) == ["1001", "1002", "1004"]
     assert all(len(r) == 1 + layout.NUM_PHENOTYPES for r in rows[1:])
+
+
+def test_predictions_go_back_into_each_files_own_orientation(segmented):
+    """1004 holds 1001's views rotated / flipped: the canonical record is the same, so
+    the predictions are, and each is written back in its own file's voxel order."""
+    root, out, _, symmetries = segmented
+    assert len(set(symmetries.values())) > 1
+    for seg, image in INPUT.items():
+        original = np.asanyarray(nib.load(str(out / "1001" / f"{seg}.nii.gz")).dataobj)
+        moved = np.asanyarray(nib.load(str(out / "1004" / f"{seg}.nii.gz")).dataobj)
+        assert original.any(), seg  # something was predicted
+        expected = apply_grid_symmetry(original, symmetries[image])
+        np.testing.assert_array_equal(moved, expected, err_msg=seg)

@@ -42,6 +42,7 @@ BREAKS = (
     "sa_3d",
     "missing_seg_sa",
     "nan_sa_isolated",
+    "partial_sa",
 )
 # Voxels set to NaN by "nan_sa_isolated": (X, Y, Z, T) of the sa.nii.gz array, apart.
 ISOLATED_NANS = ((20, 20, 3, 0), (25, 30, 5, 4), (10, 40, 7, 9), (33, 12, 1, 15))
@@ -171,9 +172,12 @@ def break_exam(folder, how: str) -> str:
     elif how == "blank_sa":
         data = np.full(data.shape, 7, data.dtype)
         reason = "sa.nii.gz: blank image"
-    elif how == "few_slices":
-        data = data[:, :, :4]
-        reason = "sa.nii.gz: only 4 short-axis slices, need 6"
+    elif how == "few_slices":  # below nifti_exam.MIN_SHORT_AXIS_SLICES: rejected
+        data = data[:, :, :2]
+        reason = f"sa.nii.gz: only 2 short-axis slices in subject {folder.name}, need at least 3"
+    elif how == "partial_sa":  # 4 of the 6 planes: written, the others absent
+        keep_short_axis_slices(folder, 3, 4)
+        return "sa.nii.gz: partial stack of 4 short-axis slices"
     elif how == "sa_3d":
         data = data[:, :, :, 0]
         reason = "sa.nii.gz: expected 4-D (X, Y, Z, T), got shape"
@@ -189,6 +193,18 @@ def break_exam(folder, how: str) -> str:
     broken.set_data_dtype(data.dtype)  # keep the NaN: the old header says int16
     nib.save(broken, str(sa))
     return reason
+
+
+def keep_short_axis_slices(folder, first: int, count: int) -> None:
+    """Cut sa.nii.gz and seg_sa.nii.gz to slices first..first+count-1 (a partial stack),
+    their affines moved to the first kept slice."""
+    for stem in ("sa", "seg_sa"):
+        path = Path(folder) / f"{stem}.nii.gz"
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)[:, :, first : first + count]
+        affine = np.array(image.affine, np.float64)
+        affine[:3, 3] += first * affine[:3, 2]
+        nib.save(nib.Nifti1Image(data, affine, image.header), str(path))
 
 
 def write_phenotype_csv(path, rows: dict[str, np.ndarray], eid_column: str = "eid") -> None:
@@ -217,3 +233,48 @@ def crash_shard_on_eid(slot: int, shard: int, jobs: list[dict]) -> list[dict]:
         results.append(crash_worker_on_eid(job))
         count_done(slot)
     return results
+
+
+def grid_symmetry(rng) -> tuple[int, bool]:
+    """A random symmetry of the pixel grid: (quarter turns 0-3, then flip X or not)."""
+    return int(rng.integers(4)), bool(rng.integers(2))
+
+
+def apply_grid_symmetry(data: np.ndarray, symmetry: tuple[int, bool]) -> np.ndarray:
+    """data (X, Y, ...) rotated by quarter turns in the (X, Y) plane, then X flipped."""
+    turns, flip = symmetry
+    data = np.rot90(data, turns, axes=(0, 1))
+    return data[::-1] if flip else data
+
+
+def reorient_exam_folder(src, dst, seed: int) -> dict[str, tuple[int, bool]]:
+    """Copy an exam folder with every view (image and segmentation alike) stored under a
+    random grid symmetry, its affine changed to match: the same heart in the same place,
+    other voxel orders. Returns {view stem: symmetry}."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    symmetries = {}
+    for path in sorted(src.glob("*.nii.gz")):
+        stem = path.name[: -len(".nii.gz")]
+        view = stem.removeprefix("seg_")
+        symmetry = symmetries.setdefault(view, grid_symmetry(rng))
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+        # Which old voxel (i, j) each new voxel holds: the same symmetry on index grids.
+        i, j = np.meshgrid(*map(np.arange, data.shape[:2]), indexing="ij")
+        old_i, old_j = (apply_grid_symmetry(a, symmetry) for a in (i, j))
+        step = np.zeros((4, 4))  # new voxel index -> old voxel index (affine)
+        step[2, 2] = step[3, 3] = 1
+        for row, old in enumerate((old_i, old_j)):
+            step[row, :2] = old[1, 0] - old[0, 0], old[0, 1] - old[0, 0]
+            step[row, 3] = old[0, 0]
+        affine = image.affine @ step
+        out = nib.Nifti1Image(np.ascontiguousarray(apply_grid_symmetry(data, symmetry)), affine)
+        zooms = np.asarray(image.header.get_zooms(), float)
+        zooms[:2] = np.linalg.norm(affine[:3, :2], axis=0)
+        out.header.set_zooms(zooms)
+        out.header.set_xyzt_units(*image.header.get_xyzt_units())
+        out.set_data_dtype(image.get_data_dtype())
+        nib.save(out, str(dst / path.name))
+    return symmetries

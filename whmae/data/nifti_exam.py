@@ -7,23 +7,31 @@ Axes: NIfTI arrays are (X, Y, Z, T) and UK Biobank's converter stores the DICOM 
 along Y, so a plane's rows (H) are Y and its columns (W) are X: a view becomes
 `[Z, T, H, W] = data.transpose(2, 3, 1, 0)` (the reference swaps X and Y the same way).
 
+Orientation: each view is first brought to one canonical in-plane orientation derived
+from its affine (`canonical_orientation`: a flip / transpose of the pixel grid, so the
+same heart gives the same record whatever the file's voxel order); geometry["orientation"]
+is ORIENTATION_VERSION and each view's transform is in geometry["views"][v]["orientation"].
+Crops and spacings below are in that canonical grid.
+
 Per exam: six consecutive short-axis slices (`select_short_axis_slices`), a size x size
 crop per view (short axis centred on the segmentation's bounding box; long axis central,
 or label-centred by option; zero padding where the image is smaller), periodic linear
 resampling in time to `frames` (labels: nearest frame), min-max over the acquired planes,
 labels remapped to the layout classes (`label_maps`). The returned geometry dict
 (JSON-serialisable) records per view the original shape, affine, spacing, chosen
-slices, crop offsets and frame count, which `restore_labels` uses to put a predicted
-segmentation back into the original NIfTI grid.
+slices, crop offsets, orientation and frame count, which `restore_labels` uses to put a
+predicted segmentation back into the original NIfTI grid.
 
 Policy: an exam without a usable short-axis image is rejected (ExamError): slice
-selection and the exam's spacing need it. A missing or unusable long-axis image makes
-that plane absent (plane_mask False); a missing or unusable segmentation makes that
-plane unlabelled (label_mask False). An image is blank (unusable) when its crop holds one
-value. Isolated non-finite voxels (NaN/inf, at most `MAX_REPAIRED_FRACTION` of a view, none
-without a finite in-plane neighbour) are repaired from their neighbours
-(`repair_nonfinite`); more make the view unusable. Every such decision is listed in
-geometry["absent"] / geometry["warnings"].
+selection and the exam's spacing need it. A stack of MIN_SHORT_AXIS_SLICES to 5 slices is
+partial: the slice rule places it in the six-plane window and the planes it does not
+reach are absent (plane_mask False, listed in geometry["absent"]); fewer slices reject.
+A missing or unusable long-axis image makes that plane absent (plane_mask False); a
+missing or unusable segmentation makes that plane unlabelled (label_mask False). An image
+is blank (unusable) when its crop holds one value. Isolated non-finite voxels (NaN/inf, at
+most `MAX_REPAIRED_FRACTION` of a view, none without a finite in-plane neighbour) are
+repaired from their neighbours (`repair_nonfinite`); more make the view unusable. Every
+such decision is listed in geometry["absent"] / geometry["warnings"].
 
 Where the views come from: a source with `name(stem)`, `has(stem)` and `read(stem)` ->
 (array (X, Y, Z, T), header dict of `nifti_io.read_nifti`'s keys). `NiftiFolder` reads
@@ -58,6 +66,87 @@ LA_CROPS = ("centre", "label")
 # the invented voxels below 1 in 200 (2.5x what has been seen); more means a broken
 # conversion whose finite voxels should not be trusted either, so the view is unusable.
 MAX_REPAIRED_FRACTION = 0.005
+# Fewest short-axis slices an exam may have and still be written: 3, half the six-plane
+# window. The model reconstructs and segments absent planes from the present ones (the
+# paper's robustness point), so a short stack (a truncated series, a partial
+# acquisition) still carries usable short-axis information; with fewer than half of the
+# window present, more short-axis planes would be invented than seen, and one or two
+# slices cannot place the window (the slice rule needs the stack's extent), so such
+# exams are rejected.
+MIN_SHORT_AXIS_SLICES = 3
+# Canonical in-plane orientation (geometry["orientation"] = this version; geometry
+# without it, written before version 1, is in each file's own orientation). Every view
+# is flipped / transposed (one of the 8 symmetries of the pixel grid) so that its columns
+# (left -> right) point as nearly as possible toward the patient's left and its rows
+# (top -> bottom) toward posterior-inferior, as measured in the affine's world frame
+# (nibabel's RAS+ mm): the radiological convention. A second pair of directions decides
+# exact ties (planes along the patient axes). The score depends only on the physical
+# directions of the grid's axes, so any flip or 90-degree rotation of a file (with its
+# affine) gives the same canonical view.
+ORIENTATION_VERSION = 1
+_TARGETS = (
+    ((-1.0, 0.0, 0.0), (0.0, -math.sqrt(0.5), -math.sqrt(0.5))),  # columns, rows
+    ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0)),  # tie-break: superior, anterior
+)
+IDENTITY_ORIENTATION = {"transpose": False, "flip_rows": False, "flip_cols": False}
+
+
+def canonical_orientation(affine) -> dict:
+    """The grid symmetry that brings a view with this voxel (X, Y, Z) -> world affine to the
+    canonical orientation (see ORIENTATION_VERSION): {"transpose", "flip_rows",
+    "flip_cols"}, applied in that order to [..., H, W] (H = Y, W = X) by `orient`."""
+    affine = np.asarray(affine, np.float64)
+    columns, rows = affine[:3, 0], affine[:3, 1]  # world direction of +W (X) and +H (Y)
+    norms = np.linalg.norm(columns), np.linalg.norm(rows)
+    if min(norms) == 0 or not np.isfinite(affine[:3, :2]).all():
+        raise ValueError(f"degenerate in-plane affine columns {affine[:3, :2].tolist()}")
+    columns, rows = columns / norms[0], rows / norms[1]
+    best = None
+    for transpose in (False, True):
+        c, r = (rows, columns) if transpose else (columns, rows)
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                cc, rr = (-c if flip_cols else c), (-r if flip_rows else r)
+                score = tuple(float(cc @ tc + rr @ tr) for tc, tr in _TARGETS)
+                if best is None or score > best[0]:
+                    best = score, (transpose, flip_rows, flip_cols)
+    return dict(zip(("transpose", "flip_rows", "flip_cols"), best[1], strict=True))
+
+
+def orient(view: np.ndarray, orientation: dict) -> np.ndarray:
+    """[..., H, W] in the file's grid -> the canonical grid (a numpy view, no copy)."""
+    if orientation["transpose"]:
+        view = np.swapaxes(view, -1, -2)
+    if orientation["flip_rows"]:
+        view = view[..., ::-1, :]
+    if orientation["flip_cols"]:
+        view = view[..., ::-1]
+    return view
+
+
+def unorient(view: np.ndarray, orientation: dict) -> np.ndarray:
+    """The inverse of `orient`: canonical [..., H, W] -> the file's grid."""
+    if orientation["flip_cols"]:
+        view = view[..., ::-1]
+    if orientation["flip_rows"]:
+        view = view[..., ::-1, :]
+    if orientation["transpose"]:
+        view = np.swapaxes(view, -1, -2)
+    return view
+
+
+def _geometry_orientation(geometry: dict, view: dict) -> dict:
+    """A geometry view's orientation: identity for geometry written before versioning;
+    ValueError for a version this code does not know."""
+    version = geometry.get("orientation")
+    if version is None:
+        return IDENTITY_ORIENTATION
+    if version != ORIENTATION_VERSION:
+        raise ValueError(
+            f"exam {geometry.get('eid')!r}: geometry orientation version {version}, this code "
+            f"reads {ORIENTATION_VERSION} (or none: the file's own orientation)"
+        )
+    return view["orientation"]
 
 
 class NiftiFolder:
@@ -138,8 +227,12 @@ def load_view(folder, stem: str) -> tuple[np.ndarray, dict]:
     if stem == "sa":
         if data.ndim != 4:
             raise ExamError(f"{name}: expected 4-D (X, Y, Z, T), got shape {data.shape}")
-        if data.shape[2] < WINDOW:
-            raise ExamError(f"{name}: only {data.shape[2]} short-axis slices, need {WINDOW}")
+        if data.shape[2] < MIN_SHORT_AXIS_SLICES:
+            raise ExamError(
+                f"{name}: only {data.shape[2]} short-axis slices in subject "
+                f"{getattr(source, 'eid', '?')}, need at least {MIN_SHORT_AXIS_SLICES} "
+                f"(fewer than {WINDOW} are written with the missing planes absent)"
+            )
     elif data.ndim != 4 or data.shape[2] != 1:
         raise ExamError(f"{name}: expected 4-D (X, Y, 1, T), got shape {data.shape}")
     if 0 in data.shape:
@@ -186,19 +279,24 @@ def remap_segmentation(labels: np.ndarray, view: str, convention: str) -> np.nda
 def select_short_axis_slices(
     seg_sa: np.ndarray | None, num_slices: int, rule: str
 ) -> tuple[list[int], str]:
-    """Six consecutive slice indices of a stack of `num_slices` (base -> apex) and the rule used.
+    """Six consecutive slice indices (one per short-axis plane, base -> apex) of a stack of
+    `num_slices` and the rule used.
 
     reference: start two slices below (apex-wards of) the first slice whose frame-0
       segmentation holds LV blood pool; shifted back if the window runs off the stack.
     lv_centre: the window centred on the slices whose frame-0 segmentation holds LV.
     centre:    the window centred in the stack (no segmentation needed).
     The segmentation rules fall back to "centre" when there is no LV at frame 0.
-    seg_sa: [Z, T, H, W] layout classes, or None.
+    A partial stack (MIN_SHORT_AXIS_SLICES <= num_slices < 6): the same rule, shifted so
+    that the window holds the whole stack; indices outside 0..num_slices-1 are planes the
+    stack does not reach (absent). seg_sa: [Z, T, H, W] layout classes, or None.
     """
     if rule not in SLICE_RULES:
         raise ValueError(f"unknown slice rule {rule!r}; expected one of {SLICE_RULES}")
-    if num_slices < WINDOW:
-        raise ExamError(f"only {num_slices} short-axis slices, need {WINDOW}")
+    if num_slices < MIN_SHORT_AXIS_SLICES:
+        raise ExamError(
+            f"only {num_slices} short-axis slices, need at least {MIN_SHORT_AXIS_SLICES}"
+        )
     has_lv = None if seg_sa is None else (seg_sa[:, 0] == layout.LV_BLOOD_POOL).any(axis=(1, 2))
     if rule == "centre" or has_lv is None or not has_lv.any():
         start, used = (num_slices - WINDOW) // 2, "centre"
@@ -207,7 +305,8 @@ def select_short_axis_slices(
     else:
         lv = np.flatnonzero(has_lv)
         start, used = (lv[0] + lv[-1] + 1) // 2 - WINDOW // 2, rule
-    start = max(0, min(start, num_slices - WINDOW))
+    spare = num_slices - WINDOW  # < 0: a partial stack, the window overhangs it
+    start = max(min(0, spare), min(start, max(0, spare)))
     return list(range(start, start + WINDOW)), used
 
 
@@ -282,14 +381,17 @@ def resample_time(volume: np.ndarray, frames: int, labels: bool = False) -> np.n
     )
 
 
-def _view_geometry(name: str, info: dict, spacing, slices, row: int, col: int) -> dict:
+def _view_geometry(
+    name: str, info: dict, spacing, slices, row: int, col: int, orientation: dict
+) -> dict:
     geometry = {
         "file": name,
         "shape": info["shape"],
         "affine": info["affine"].tolist(),
+        "orientation": dict(orientation),  # file grid -> canonical grid (`orient`)
         "pixel_spacing": [float(s) for s in spacing],
         "slices": [int(s) for s in slices],
-        "crop": [int(row), int(col)],
+        "crop": [int(row), int(col)],  # in the canonical grid
         "frames": int(info["shape"][3]),
         "frame_duration": frame_duration_seconds(info),
     }
@@ -353,6 +455,7 @@ def preprocess_exam(
         "size": size,
         "label_convention": label_convention,
         "input": source.kind,
+        "orientation": ORIENTATION_VERSION,
         "views": {},
         "absent": [],
         "warnings": list(source.warnings),
@@ -366,34 +469,54 @@ def preprocess_exam(
     short_axis, sa_info = load_view(source, "sa")
     # Remap only frame 0 (for the slice choice) and the window, not the whole stack.
     seg_sa = _optional_segmentation(source, "sa", short_axis.shape, None, geometry)
+    sa_orientation = _orientation(source.name("sa"), sa_info)
+    short_axis = orient(short_axis, sa_orientation)
+    seg_sa = None if seg_sa is None else orient(seg_sa, sa_orientation)
+    num_slices = short_axis.shape[0]
     window_seg = None
     try:
         ed_seg = (
             None if seg_sa is None else remap_segmentation(seg_sa[:, :1], "sa", label_convention)
         )
-        slices, rule_used = select_short_axis_slices(ed_seg, short_axis.shape[0], slice_rule)
+        window_slices, rule_used = select_short_axis_slices(ed_seg, num_slices, slice_rule)
         if seg_sa is not None:
-            stack = slice(slices[0], slices[-1] + 1)  # consecutive: a view, no gather
+            stack = _stack_part(window_slices, num_slices)  # consecutive: a view, no gather
             window_seg = remap_segmentation(seg_sa[stack], "sa", label_convention)
     except ExamError as e:
         geometry["warnings"].append(f"{e} (plane unlabelled)")
-        slices, rule_used = select_short_axis_slices(None, short_axis.shape[0], slice_rule)
+        window_slices, rule_used = select_short_axis_slices(None, num_slices, slice_rule)
     if rule_used != slice_rule:
         geometry["warnings"].append(f"slice rule {slice_rule} fell back to {rule_used}")
+    # The planes the stack reaches (all six unless it is partial) and their slices.
+    present = [
+        (plane, z)
+        for plane, z in zip(layout.SHORT_AXIS_PLANES, window_slices, strict=True)
+        if 0 <= z < num_slices
+    ]
+    planes, slices = [p for p, _ in present], [z for _, z in present]
+    if len(planes) < WINDOW:
+        missing = [p for p in layout.SHORT_AXIS_PLANES if p not in planes]
+        geometry["absent"].append(
+            f"{source.name('sa')}: partial stack of {num_slices} short-axis slices (fewer "
+            f"than {WINDOW}): planes '{','.join(map(str, missing))}' absent"
+        )
     height, width = short_axis.shape[2:]
     row, col = crop_offsets(window_seg, height, width, size)
-    planes = list(layout.SHORT_AXIS_PLANES)
-    window = crop_image(short_axis, row, col, size, source.name("sa"), slices[0], WINDOW)
+    window = crop_image(short_axis, row, col, size, source.name("sa"), slices[0], len(slices))
     windows.update(zip(planes, resample_time(window, frames), strict=True))
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
         label_mask[planes] = True
     plane_mask[planes] = True
     zooms = sa_info["zooms"]
-    spacing[planes] = (zooms[1], zooms[0])  # (row, col) = (Y, X)
+    spacing[planes] = _pixel_spacing(zooms, sa_orientation)
     sa_name = source.name("sa")
-    geometry["views"]["sa"] = _view_geometry(sa_name, sa_info, spacing[planes[0]], slices, row, col)
-    geometry["views"]["sa"].update(planes=planes, slice_rule=rule_used, slice_spacing=zooms[2])
+    geometry["views"]["sa"] = _view_geometry(
+        sa_name, sa_info, spacing[planes[0]], slices, row, col, sa_orientation
+    )
+    geometry["views"]["sa"].update(
+        planes=planes, slice_rule=rule_used, slice_spacing=zooms[2], window=window_slices
+    )
     _view_notes(sa_name, sa_info, frames, geometry)
     frame_duration = geometry["views"]["sa"]["frame_duration"] * sa_info["shape"][3] / frames
     if math.isnan(frame_duration):
@@ -408,6 +531,9 @@ def preprocess_exam(
             seg = None
             if stem in SEGMENTATION_FILE:
                 seg = _optional_segmentation(source, stem, view.shape, label_convention, geometry)
+            orientation = _orientation(source.name(stem), info)
+            view = orient(view, orientation)
+            seg = None if seg is None else orient(seg, orientation)
             use_label = la_crop == "label" and seg is not None
             row, col = crop_offsets(seg if use_label else None, *view.shape[2:], size)
             window = crop_image(view, row, col, size, source.name(stem))[0]
@@ -419,9 +545,9 @@ def preprocess_exam(
             labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
             label_mask[plane] = True
         plane_mask[plane] = True
-        spacing[plane] = (info["zooms"][1], info["zooms"][0])
+        spacing[plane] = _pixel_spacing(info["zooms"], orientation)
         geometry["views"][stem] = _view_geometry(
-            source.name(stem), info, spacing[plane], [0], row, col
+            source.name(stem), info, spacing[plane], [0], row, col, orientation
         )
         geometry["views"][stem]["planes"] = [plane]
         _view_notes(source.name(stem), info, frames, geometry, (sa_name, sa_info["shape"][3]))
@@ -443,6 +569,25 @@ def preprocess_exam(
     return exam, geometry
 
 
+def _orientation(name: str, info: dict) -> dict:
+    """`canonical_orientation` of a view's affine, ExamError naming the file if degenerate."""
+    try:
+        return canonical_orientation(info["affine"])
+    except ValueError as e:
+        raise ExamError(f"{name}: {e}") from None
+
+
+def _pixel_spacing(zooms, orientation: dict) -> tuple[float, float]:
+    """(row, col) spacing in the canonical grid: the file's rows are Y, its columns X."""
+    spacing = (zooms[1], zooms[0])
+    return spacing[::-1] if orientation["transpose"] else spacing
+
+
+def _stack_part(window_slices: list[int], num_slices: int) -> slice:
+    """The stack's slices inside the window (all six unless the stack is partial)."""
+    return slice(max(window_slices[0], 0), min(window_slices[-1] + 1, num_slices))
+
+
 def _optional_segmentation(source, view, shape, convention, geometry) -> np.ndarray | None:
     """A view's labels (remapped unless convention is None), or None (absent or unusable;
     the reason goes to warnings)."""
@@ -459,25 +604,31 @@ def _optional_segmentation(source, view, shape, convention, geometry) -> np.ndar
 
 def restore_labels(pred_labels: np.ndarray, geometry: dict, *, file_labels: bool = True) -> dict:
     """Predicted labels [9, T, H, W] (layout classes) -> {view: uint8 array in the view's
-    original NIfTI shape (X, Y, Z, T)}: the inverse of `preprocess_exam`'s geometry.
+    original NIfTI shape and orientation (X, Y, Z, T)}: the inverse of `preprocess_exam`'s
+    geometry (crop, slice window, time resampling and canonical orientation undone).
 
     Voxels outside the crop and short-axis slices outside the window are 0. Each original
     frame takes the nearest resampled frame. file_labels: map back to the file's label
-    convention (`label_maps.restore_file_labels`), else keep layout classes.
+    convention (`label_maps.restore_file_labels`), else keep layout classes. Geometry
+    written before orientation versioning is in the file's orientation already; a newer
+    orientation version than this code knows raises ValueError.
     """
     pred_labels = np.asarray(pred_labels)
     frames, size = pred_labels.shape[1], pred_labels.shape[2]
     restored = {}
     for stem, view in geometry["views"].items():
+        orientation = _geometry_orientation(geometry, view)
         x, y, z, t = view["shape"]
-        volume = np.zeros((z, t, y, x), np.uint8)  # [Z, T, H, W]
+        height, width = (x, y) if orientation["transpose"] else (y, x)  # canonical grid
+        volume = np.zeros((z, t, height, width), np.uint8)  # [Z, T, H, W]
         nearest = np.rint(np.arange(t) * (frames / t)).astype(int) % frames
         row, col = view["crop"]
-        r0, r1 = max(row, 0), min(row + size, y)
-        c0, c1 = max(col, 0), min(col + size, x)
+        r0, r1 = max(row, 0), min(row + size, height)
+        c0, c1 = max(col, 0), min(col + size, width)
         for plane, index in zip(view["planes"], view["slices"], strict=True):
             window = pred_labels[plane][nearest]  # [t, size, size]
             volume[index, :, r0:r1, c0:c1] = window[:, r0 - row : r1 - row, c0 - col : c1 - col]
+        volume = unorient(volume, orientation)  # -> the file's [Z, T, Y, X]
         if file_labels:
             volume = label_maps.restore_file_labels(volume, stem, geometry["label_convention"])
         restored[stem] = volume.transpose(3, 2, 0, 1)  # -> (X, Y, Z, T)

@@ -25,6 +25,16 @@ A folder without a CSV row is written with all-NaN phenotypes and flagged (pretr
 needs no phenotypes, and missing values are masked in the loss), or rejected with
 `--require-phenotypes`. A CSV row without a folder is rejected.
 
+Orientation: every view is stored in one canonical in-plane orientation derived from its
+affine (`nifti_exam.ORIENTATION_VERSION`; the geometry sidecar holds each view's
+transform, which `restore_labels` and `whmae-segment` undo). dataset_info.json's
+provenance records the version; datasets without it keep each file's orientation, and a
+rerun into such a directory is refused rather than mixing the two.
+
+Short stacks: a short-axis stack of `nifti_exam.MIN_SHORT_AXIS_SLICES` (3) to 5 slices is
+written with the planes it does not reach absent (manifest "absent", counted by kind on
+the console); fewer slices reject the exam.
+
 Splits: by default the hash of the eid (`whmae.data.splits`). `--split-file` (CSV with
 columns eid,split; split one of train/val/test) fixes them instead (e.g. the paper's
 lists). A written subject missing from that file falls back to the hash split and is
@@ -65,7 +75,13 @@ from whmae.data.manifest import (
     format_flags,
     write_prepared_shard,
 )
-from whmae.data.nifti_exam import LA_CROPS, SLICE_RULES, ExamError, preprocess_exam
+from whmae.data.nifti_exam import (
+    LA_CROPS,
+    ORIENTATION_VERSION,
+    SLICE_RULES,
+    ExamError,
+    preprocess_exam,
+)
 from whmae.data.nifti_io import prefetch_files
 from whmae.data.split_file import SplitAssignment, read_split_file
 from whmae.data.subjects import list_subjects, read_phenotype_csv
@@ -210,6 +226,9 @@ def prepare_dataset(
         "subjects_sha256": digest,
         "require_phenotypes": require_phenotypes,
         "eid_column": eid_column,
+        # Records of this run are in the canonical orientation (`nifti_exam`): a directory
+        # holding an earlier run's (each file's own orientation) is refused, not mixed.
+        "orientation": ORIENTATION_VERSION,
     }
     source = {"input_format": input_format, "series_views": series_views}
     if input_format != "auto" or series_views:  # recorded only when set: older runs resume

@@ -12,7 +12,10 @@ is compared with its recomputed value; a pair is flagged when
 Writes into --out:
   qc_pairs.csv       eid, column, csv, computed, difference, flagged (one row per pair)
   qc_summary.json    per column: pairs, MAE, bias (mean computed - csv), Pearson r,
-                     flagged; subjects that could not be computed, with the reason
+                     flagged; subjects that could not be computed, with the reason;
+                     exam folders without a CSV row (computed, nothing to compare) and
+                     CSV eids without an exam folder (nothing to compute)
+The console report counts both and names the first few of each.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ PAIRS_FILE = "qc_pairs.csv"
 SUMMARY_FILE = "qc_summary.json"
 # Smallest disagreement worth flagging, by unit (a few voxels or a rounding of the CSV).
 ABSOLUTE_FLOOR = {"(mL)": 3.0, "(%)": 3.0, "(g)": 3.0, "(L/min)": 0.3}
+EXAMPLES = 5  # eids named on the console per kind of unmatched subject (all in the JSON)
 
 
 def absolute_floor(column: str) -> float:
@@ -150,6 +154,7 @@ def run_qc(
     csv_rows, _, csv_warnings = read_phenotype_csv(phenotype_csv, eid_column)
     _, folders = list_subjects(root, csv_rows)
     eids = sorted(folders)
+    csv_only = sorted(set(csv_rows) - folders)
     jobs = [(str(Path(root) / eid), convention) for eid in eids]
     results = []
     with tqdm(total=len(jobs), unit="exam", desc="qc", disable=not progress) as bar:
@@ -177,7 +182,9 @@ def run_qc(
         "exams": len(eids),
         "computed": len(computed),
         "failed": failed,
-        "without_csv_row": sorted(set(computed) - set(csv_rows)),
+        "without_csv_row": sorted(set(computed) - set(csv_rows)),  # computed ones only
+        "folders_without_csv_row": [e for e in eids if e not in csv_rows],
+        "csv_rows_without_folder": csv_only,
         "tolerance": {"relative": tolerance, "absolute_floor": ABSOLUTE_FLOOR},
         "columns": columns,
         "pairs": len(pairs),
@@ -205,6 +212,14 @@ def format_summary(summary: dict) -> str:
             )
     for eid, reason in summary["failed"].items():
         lines.append(f"  not computed {eid}: {reason}")
+    for key, text in (
+        ("folders_without_csv_row", "exam folders without a CSV row (not compared)"),
+        ("csv_rows_without_folder", "CSV eids without an exam folder (not computed)"),
+    ):
+        eids = summary.get(key, [])
+        if eids:
+            more = " ..." if len(eids) > EXAMPLES else ""
+            lines.append(f"  {len(eids)} {text}: {', '.join(eids[:EXAMPLES])}{more}")
     return "\n".join(lines)
 
 
