@@ -2,6 +2,8 @@
 
 import collections
 import itertools
+import json
+import os
 import shutil
 
 import grain
@@ -132,6 +134,13 @@ def test_corrupt_record_is_reported_by_file(random_dataset, tmp_path):
     for _ in range(count):
         writer.write(b"not an exam record")
     writer.close()
+    with pytest.raises(RecordError, match=f"{victim}: .* bytes, but dataset_info.json records"):
+        make(copy)  # opening stats the files: the new size is caught before any reading
+    info = json.loads((copy / records.INFO_FILE).read_text())
+    info["splits"]["train"]["file_info"][os.path.basename(victim)]["bytes"] = os.path.getsize(
+        victim
+    )  # the size as recorded: the records themselves are read and found bad
+    (copy / records.INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(RecordError, match=f"{victim} record .*bad magic"):
         list(make(copy, shuffle=False, num_epochs=1, read_threads=0))
 

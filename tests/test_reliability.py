@@ -259,11 +259,21 @@ def _first_train_shard(data_dir):
     return split_paths(data_dir, "train")[0]
 
 
+@pytest.mark.parametrize("sizes_recorded", [True, False])
 @pytest.mark.parametrize("keep", [0, 0.5])
-def test_truncated_or_empty_shard_is_named_when_the_dataset_opens(dataset_copy, keep):
-    from whmae.data.pipeline import make_pipeline
-    from whmae.data.records import RecordError
+def test_truncated_or_empty_shard_is_named_when_the_dataset_opens(
+    dataset_copy, keep, sizes_recorded
+):
+    import json
 
+    from whmae.data.pipeline import make_pipeline
+    from whmae.data.records import INFO_FILE, RecordError
+
+    if not sizes_recorded:  # a dataset written before the sizes were recorded
+        info = json.loads((dataset_copy / INFO_FILE).read_text())
+        for entry in info["splits"].values():
+            del entry["file_info"]
+        (dataset_copy / INFO_FILE).write_text(json.dumps(info))
     shard = _first_train_shard(dataset_copy)
     size = os.path.getsize(shard)
     with open(shard, "r+b") as f:
@@ -272,7 +282,10 @@ def test_truncated_or_empty_shard_is_named_when_the_dataset_opens(dataset_copy, 
         make_pipeline(dataset_copy, "train", batch_size=2, fields=("images",))
     message = str(caught.value)
     assert shard in message and "\n" not in message
-    assert "not a readable ArrayRecord shard" in message
+    if sizes_recorded:  # a stat finds it, before any reading
+        assert message.startswith(f"{shard}: {int(size * keep)} bytes, but {INFO_FILE} records")
+    else:
+        assert "not a readable ArrayRecord shard" in message
 
 
 def test_overwritten_bytes_in_a_shard_name_the_file_and_record(dataset_copy):
@@ -345,3 +358,61 @@ def test_grain_workers_die_when_the_training_process_is_killed(random_dataset):
             parent.wait()
         for pid in left:  # only this test's own processes, still running
             os.kill(pid, signal.SIGKILL)
+
+
+def test_batches_in_flight_left_in_dev_shm_by_a_killed_process_group_are_removed(
+    random_dataset,
+):
+    """SIGKILL of the whole group (the resource tracker too) leaves Grain's psm_* batches
+    and sem.mp-* semaphores; `remove_orphaned_segments` removes them, and keeps a segment
+    still mapped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from multiprocessing import shared_memory
+
+    from whmae.data.worker_pool import SEGMENT_PREFIXES, SHM_DIR, remove_orphaned_segments
+
+    script = (
+        "import sys, time\n"
+        "from whmae.data.pipeline import make_pipeline\n"
+        "it = make_pipeline(sys.argv[1], 'train', batch_size=2, fields=('images',),\n"
+        "                   worker_count=2, prefetch_batches=4)\n"
+        "next(it)\n"
+        "time.sleep(2)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    before = set(os.listdir(SHM_DIR))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(random_dataset[0])],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, killed whole below
+    )
+    leaked = set()
+    in_use = shared_memory.SharedMemory(create=True, size=4096)  # mapped here: kept
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        time.sleep(1)
+        leaked = set(os.listdir(SHM_DIR)) - before - {in_use.name}
+        leaked = {n for n in leaked if n.startswith(SEGMENT_PREFIXES)}
+        assert any(n.startswith("psm_") for n in leaked), "expected batches left behind"
+        names = leaked | {in_use.name}
+        # A live resource tracker (this test's own, for `in_use`) may own them: none removed.
+        assert remove_orphaned_segments(names=names) == (0, 0)
+        count, size = remove_orphaned_segments(names=names, trackers=[])
+        assert count == len(leaked) and size > 0
+        assert not leaked & set(os.listdir(SHM_DIR))
+        assert in_use.name in os.listdir(SHM_DIR)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+        for name in leaked & set(os.listdir(SHM_DIR)):  # only this test's own
+            os.unlink(os.path.join(SHM_DIR, name))
+        in_use.close()
+        in_use.unlink()

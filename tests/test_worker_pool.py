@@ -111,3 +111,37 @@ def test_workers_die_when_their_parent_is_killed(tmp_path):
             parent.wait()
         for pid in left:  # only the test's own workers, still running
             os.kill(pid, signal.SIGKILL)
+
+
+def test_pool_and_pipeline_remove_orphaned_segments_at_start(
+    tmp_path, monkeypatch, capsys, random_dataset
+):
+    import os
+
+    from whmae.data import worker_pool
+    from whmae.data.pipeline import make_pipeline
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(worker_pool, "SHM_DIR", str(shm))
+    monkeypatch.setattr(worker_pool, "_live_resource_trackers", lambda uid: [])
+
+    def leave_orphans():
+        for name in ("psm_0a1b2c3d", "sem.mp-abcdefgh", "other_file"):
+            (shm / name).write_bytes(bytes(1000))
+
+    leave_orphans()
+    worker_pool.WorkerPool(1).shutdown()
+    assert sorted(os.listdir(shm)) == ["other_file"]
+    assert "removed 2 shared-memory segments (0 MB)" in capsys.readouterr().err
+    leave_orphans()
+    it = make_pipeline(random_dataset[0], "train", batch_size=2, fields=("eid",), worker_count=1)
+    del it  # never iterated: no worker started
+    assert sorted(os.listdir(shm)) == ["other_file"]
+    assert "removed 2 shared-memory segments" in capsys.readouterr().err
+    leave_orphans()
+    make_pipeline(random_dataset[0], "train", batch_size=2, fields=("eid",), worker_count=0)
+    assert len(os.listdir(shm)) == 3  # no workers: nothing to clean for
+    monkeypatch.setenv(worker_pool.SHM_CLEANUP_ENV, "0")
+    worker_pool.WorkerPool(1).shutdown()
+    assert len(os.listdir(shm)) == 3  # turned off

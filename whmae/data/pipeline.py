@@ -219,6 +219,10 @@ def make_pipeline(
     if worker_count > 0:
         from absl import flags
 
+        from whmae.data.worker_pool import clean_shared_memory
+
+        clean_shared_memory()  # batches in flight when an earlier run was killed
+
         # Grain reads its absl flags in the workers; scripts without absl.app never parse them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()

@@ -20,8 +20,14 @@ Images are uint8: `whmae.data.quantize` (its precision cost is measured there).
 
 Dataset layout (a directory):
   {split}-{shard:05d}-of-{num_shards:05d}.array_record   one file per split per shard
-  shard-{shard:05d}-of-{num_shards:05d}.json             shard complete marker + eids
+  shard-{shard:05d}-of-{num_shards:05d}.json             shard complete marker + eids,
+                                                         each file's records, bytes, CRC32
   dataset_info.json                                      written last (finalize_dataset)
+
+Opening a dataset (`read_dataset_info`) compares each shard file's size with the one
+recorded when it was written (a stat, no reading): a truncated or grown shard fails at once,
+named. `whmae-dataset verify DIR` (whmae.data.verify) also checks checksums and decodes
+every record.
 """
 
 from __future__ import annotations
@@ -209,10 +215,23 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict:
     if version != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
     for split, entry in splits.items():
+        recorded = entry.get("file_info", {})  # absent in datasets made before issue 17
         for name in entry["files"]:
-            if not (data_dir / name).is_file():
+            file = data_dir / name
+            try:
+                size = file.stat().st_size if file.is_file() else None
+            except OSError:
+                size = None
+            if size is None:
                 raise FileNotFoundError(
-                    f"{data_dir / name} is listed in {path} (split {split!r}) but is missing"
+                    f"{file} is listed in {path} (split {split!r}) but is missing"
+                )
+            expected = recorded.get(name, {}).get("bytes")
+            if expected is not None and size != expected:
+                raise RecordError(
+                    f"{file}: {size} bytes, but {INFO_FILE} records {expected}: the shard is "
+                    f"damaged (truncated or overwritten?). `whmae-dataset verify {data_dir}` "
+                    "checks every shard; regenerate the dataset, or rewrite this shard"
                 )
     return info
 

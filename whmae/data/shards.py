@@ -1,16 +1,17 @@
 """Writing a dataset: shards of exam records (`whmae.data.records`) and dataset_info.json.
 
 A shard becomes visible only when complete: its files are written under temporary names,
-flushed to disk, renamed, and then its JSON marker (eids, phenotypes, image shape) is
-written. `finalize_dataset` merges the markers into dataset_info.json once every shard
-exists, so hosts write shards in any order and an interrupted job reruns only the missing
-ones.
+flushed to disk, renamed, and then its JSON marker (eids, phenotypes, image shape, and each
+file's record count, size and CRC32) is written. `finalize_dataset` merges the markers
+into dataset_info.json once every shard exists, so hosts write shards in any order and an
+interrupted job reruns only the missing ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -31,6 +32,12 @@ from whmae.data.splits import split_of as _hash_split
 from whmae.files import write_text_atomic
 from whmae.layout import NUM_PHENOTYPES, PHENOTYPE_COLUMNS
 
+# What a shard marker (and dataset_info.json's "file_info") records of each finished file:
+# its record count, and (markers written since issue 17; older ones lack them) its size in
+# bytes and the CRC32 of its contents. Checked by `whmae.data.verify`; the size also by
+# `records.read_dataset_info` whenever a dataset is opened.
+FILE_CHECKS = ("num_examples", "bytes", "crc32")
+
 # Per-record groups give per-exam random access; zstd:1 decodes at GB/s.
 RECORD_OPTIONS = "group_size:1,zstd:1"
 FLUSH_ENV = "WHMAE_WRITE_FLUSH_MB"  # MiB written between flushes of a shard file; 0: never
@@ -49,22 +56,30 @@ class _FlushedFile:
 
     def __init__(self, path: Path, every: int):
         self.fd, self.every, self.flushed = os.open(path, os.O_RDONLY), every, 0
+        self.crc32 = 0  # of bytes [0, self.flushed), read back while still in the page cache
 
     def wrote(self) -> None:
         if self.every and os.fstat(self.fd).st_size - self.flushed >= self.every:
             self.flush()
 
     def flush(self) -> None:
+        size = os.fstat(self.fd).st_size
+        # Checksum the new bytes before they leave the page cache (the writer only appends).
+        for start in range(self.flushed, size, 1 << 20):
+            chunk = os.pread(self.fd, min(1 << 20, size - start), start)
+            self.crc32 = zlib.crc32(chunk, self.crc32)
         os.fdatasync(self.fd)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        self.flushed = os.fstat(self.fd).st_size
+        self.flushed = size
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Flush the rest; returns the file's {"bytes": size, "crc32": 8 hex digits}."""
         try:
             self.flush()
         finally:
             os.close(self.fd)
+        return {"bytes": self.flushed, "crc32": f"{self.crc32:08x}"}
 
 
 def _flush_every() -> int:
@@ -147,7 +162,8 @@ def write_shard(
                 on_exam(exam)
         for split, writer in writers.items():
             writer.close()
-            flushed.pop(split).close()  # on disk before the rename and the marker
+            # On disk before the rename and the marker; its size and checksum go in the marker.
+            entries[split].update(flushed.pop(split).close())
         for split, tmp in tmp_paths.items():
             os.replace(tmp, out_dir / shard_file(split, shard, num_shards))
     except BaseException:
@@ -161,7 +177,7 @@ def write_shard(
         s: {"file": shard_file(s, shard, num_shards), "num_examples": len(e["eids"]), **e}
         for s, e in entries.items()
         if e["eids"]
-    }
+    }  # each: file, num_examples, eids, phenotypes, bytes, crc32 (of the whole file)
     marker_fields = {
         "schema_version": SCHEMA_VERSION,
         "shard": shard,
@@ -230,11 +246,12 @@ def finalize_dataset(out_dir: str | os.PathLike, provenance: dict) -> dict:
         raise RecordError(f"{out_dir}: shards hold different image shapes {sorted(shapes)}")
     owner, splits = {}, {}
     for split in SPLITS:
-        files, rows, count = [], [], 0
+        files, rows, count, file_info = [], [], 0, {}
         for shard in range(num_shards):
             entry = markers[shard]["splits"].get(split)
             if entry is None:
                 continue
+            file_info[entry["file"]] = {k: entry[k] for k in FILE_CHECKS if k in entry}
             for eid in entry["eids"]:
                 if eid in owner:
                     raise RecordError(f"{out_dir}: eid {eid!r} in shards {owner[eid]} and {shard}")
@@ -245,6 +262,7 @@ def finalize_dataset(out_dir: str | os.PathLike, provenance: dict) -> dict:
         splits[split] = {
             "num_examples": count,
             "files": files,
+            "file_info": file_info,
             "phenotype_stats": _phenotype_stats(rows),
         }
     info = {
