@@ -17,7 +17,9 @@ VARIANT is comma-separated tokens (see `whmae.tasks.config`), e.g. `paper`, `tin
 Targets: `phenotypes` (default the paper's LVM, RVEF, RAEF, RVEDV, LASV; any of the 18
 UK Biobank columns), standardised with the train split's mean and std; `loss` mse or
 huber (`huber_delta`, standardised units); `model.pool` cls | mean | cls_mean;
-`model.head_hidden` 0 = linear head.
+`model.head_hidden` 0 = linear head. Validation every `train.eval_every` steps on
+`train.eval_exams` val exams: loss, mae_std, mae_<column> in original units; the best
+checkpoint by `train.best_metric` (mae_std, min).
 """
 
 import ml_collections
@@ -37,6 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.huber_delta = 1.0
     c.model.pool = "cls"
     c.model.head_hidden = 0
+    # The best checkpoint: lowest val MAE on standardised targets, mean over phenotypes.
+    c.train.best_metric = "mae_std"
+    c.train.best_mode = "min"
     # ResNet50 (`whmae.tasks.resnet`): the paper's is the ImageNet one (7x7/2 stem + max
     # pool). At 32x32 that stem leaves 1x1 maps after the last stage, where the tiny
     # widths' 1-channel GroupNorm groups output a constant (the model predicted one value

@@ -8,6 +8,10 @@
          cosine, wd 0.05, clipping, bfloat16.
   tiny   CPU tests and demo: 32x32, 10 frames, patch (5, 8, 8), a few steps.
 
+Validation: `train.eval_every` (0: off), `train.eval_exams` (the val subset),
+`train.best_metric` / `train.best_mode` (val `loss`, `mse_short_axis`, `psnr_long_axis`,
+... ranking the best checkpoint).
+
 Any field can be overridden, e.g. `--config.mesh.fsdp=8 --config.data.batch_size=256`.
 `data.batch_size` is the global batch of one train-step call; with
 `optim.grad_accum_steps = k` an update sees k of them and `train.steps` counts calls.
@@ -53,7 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         log_every=100,
         checkpoint_every=2_000,
         keep_checkpoints=3,
+        # Validation (`whmae.train.validation`): every eval_every steps (0: off) on the
+        # first eval_exams exams of the val split; the best step by val best_metric
+        # (best_mode min | max) is kept beside the newest keep_checkpoints.
         eval_every=5_000,
+        eval_exams=256,
+        best_metric="loss",
+        best_mode="min",
         distributed="auto",
     )
 
@@ -84,5 +94,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = _model(tiny_config())
         c.data.batch_size = 8
         c.optim.update(name="adamw", lr=1e-3, warmup_steps=2, weight_decay=0.05, clip_norm=1.0)
-        c.train.update(steps=20, log_every=5, checkpoint_every=10, eval_every=10)
+        c.train.update(steps=20, log_every=5, checkpoint_every=10, eval_every=10, eval_exams=16)
     return c

@@ -25,6 +25,9 @@ VARIANT is comma-separated tokens (see `whmae.tasks.config`), e.g. `paper`, `tin
                   many channels per plane, joined by the plane's image, 3x3x3 conv ->
                   logit correction (0: off)
   skip_blocks     encoder blocks whose outputs feed the coarser stages
+
+Validation every `train.eval_every` steps on `train.eval_exams` val exams: Dice per class
+(dice_<class>) and dice_mean; the best checkpoint by `train.best_metric` (dice_mean, max).
 """
 
 import ml_collections
@@ -60,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             skip_blocks=[1, 3],
         )
         c.data.batch_size = 8
+    # The best checkpoint: highest val Dice, mean over the classes the planes hold.
+    c.train.best_metric = "dice_mean"
+    c.train.best_mode = "max"
     if "unetr_scratch" in tokens:
         c.init.pretrained = False
     return c

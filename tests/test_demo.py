@@ -38,3 +38,11 @@ def test_demo_writes_the_report_and_checks_every_claim(tmp_path):
     assert "model.pool" not in summary["overrides"]["resnet50"]
     assert summary["overrides"]["random_probe"]["init.pretrained"] is False
     assert summary["overrides"]["random_probe"]["model.pool"] == "tokens"
+    # Validation: each run's val rows, best checkpoint, and the runs side by side.
+    assert summary["checkpoint_steps"] == {name: 3 for name in summary["checkpoint_steps"]}
+    assert {"mae_all_planes", "resnet50", "unetr_mae"} <= set(summary["checkpoint_steps"])
+    curves = {p.name for p in (report / "val_curves").glob("*.png")}
+    assert {"val_Pretraining_all_planes_SA_only_LA_only_loss.png",
+            "val_Phenotype_models_mae_std.png",
+            "val_Segmentation_models_dice_mean.png"} <= curves  # fmt: skip
+    assert "## Training runs" in text and "best val checkpoint: mae_all_planes step 3" in text

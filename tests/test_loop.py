@@ -42,7 +42,9 @@ def mae_run(tiny_dataset, tmp_path_factory):
     """(workdir, summary) of the tiny MAE trained for MAE_STEPS steps, logging every step."""
     config = pretrain_config("tiny")
     config.data.dir = _data_dir(tiny_dataset)
-    config.train.update(steps=MAE_STEPS, log_every=1, checkpoint_every=MAE_STEPS // 2)
+    # No validation here (tests/test_validation.py): its ranked checkpoints would join
+    # the interval ones.
+    config.train.update(steps=MAE_STEPS, log_every=1, checkpoint_every=MAE_STEPS // 2, eval_every=0)
     config.optim.lr = 3e-3
     workdir = str(tmp_path_factory.mktemp("mae_run"))
     return workdir, train(config, workdir, pretrain_task(config))

@@ -29,8 +29,11 @@ def _pretrain_command(config_file: Path, workdir: Path, data_dir: str) -> list[s
         f"--config.data.dir={data_dir}",
         f"--config.train.steps={STEPS}",
         "--config.train.log_every=1",
-        # No interval checkpoints: the only mid-run checkpoint is the preemption one.
+        # No interval checkpoints: the only mid-run checkpoint is the preemption one (no
+        # validation either: it checkpoints the steps it ranks; resuming with validation
+        # is tested in tests/test_validation.py).
         "--config.train.checkpoint_every=1000",
+        "--config.train.eval_every=0",
     ]
 
 

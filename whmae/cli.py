@@ -209,6 +209,11 @@ def validate_train_config(config: Any) -> None:
         _positive_int(config, "train", "keep_checkpoints")
     _positive_int(config, "data", "batch_size")
     _positive_int(config, "data", "worker_count", minimum=0)
+    _positive_int(config, "train", "eval_every", minimum=0)
+    _positive_int(config, "train", "eval_exams", minimum=0)
+    mode = config.train.get("best_mode")
+    if mode is not None and mode not in ("min", "max"):
+        raise UsageError(f"train.best_mode={mode!r} must be 'min' or 'max'")
     accum = _positive_int(config, "optim", "grad_accum_steps") if "optim" in config else 1
     if steps % accum:
         raise UsageError(f"optim.grad_accum_steps={accum} must divide train.steps={steps}")

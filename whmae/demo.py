@@ -16,6 +16,12 @@ task's metrics.json and PNGs):
              the paper's claims checked on the numbers against their controls
              (`whmae.evaluate.claims`: held, not held or void, never tuned to hold)
 
+Every run validates on the val split EVALS_PER_RUN times (`whmae.train.validation`) and
+keeps its best checkpoint by its config's val metric; the test-split evaluations read
+that best step (`--checkpoint-step best`), and the report names it per run beside the
+runs' val curves side by side (pretraining all / SA-only / LA-only, the phenotype
+models, the segmentation models; `whmae.evaluate.runs`).
+
 Every training stage resumes from its checkpoint, so rerunning an interrupted demo
 continues where it stopped; finished stages are skipped.
 """
@@ -58,6 +64,15 @@ SEGMENTATION_RUNS = {
     "unetr_mae": "tiny,finetune",
     "unetr_scratch": "tiny,unetr_scratch",
 }
+# Validation: this many evaluations per run, on this many val exams (fixed subset).
+EVALS_PER_RUN = 10
+EVAL_EXAMS = 64
+# The report's groups of runs side by side (val curves, final and best values).
+RUN_GROUPS = {
+    "Pretraining (all planes, SA only, LA only)": PRETRAIN_RUNS,
+    "Phenotype models": PHENOTYPE_RUNS,
+    "Segmentation models": SEGMENTATION_RUNS,
+}
 
 
 def _config(name: str, variant: str):
@@ -92,8 +107,16 @@ def _train(config, workdir: Path, steps: int, data_dir: Path, task_fn) -> dict:
     config.train.log_every = max(steps // 20, 1)
     config.train.checkpoint_every = max(steps // 2, 1)
     config.train.keep_checkpoints = 1
+    _validation(config, steps)
     config.mesh.data = -1
     return train(config, str(workdir), task_fn(config))
+
+
+def _validation(config, steps: int) -> None:
+    """The demo's validation: EVALS_PER_RUN evaluations on EVAL_EXAMS val exams (runs of
+    fewer steps than that: one, at the end)."""
+    config.train.eval_every = steps // EVALS_PER_RUN or steps
+    config.train.eval_exams = EVAL_EXAMS
 
 
 def _override(config, overrides: dict) -> None:
@@ -143,6 +166,7 @@ def finetune_configs(stage: str, profile, steps: dict, data_dir, pretrained: str
         config.train.steps = steps[stage]
         config.train.log_every = max(steps[stage] // 20, 1)
         config.train.checkpoint_every = max(steps[stage] // 2, 1)
+        _validation(config, steps[stage])
         config.mesh.data = -1
         if config.init.pretrained:
             config.init.checkpoint = pretrained
@@ -199,6 +223,12 @@ def run_demo(
                     summary.setdefault("overrides", {})[name] = phenotype_overrides(name, config)
                 finetune(config, str(runs / name))
 
+    from whmae.train.checkpoint import checkpoint_step
+
+    # The step every test-split evaluation reads: the best val step of each run.
+    summary["checkpoint_steps"] = {
+        name: checkpoint_step(runs / name) for group in RUN_GROUPS.values() for name in group
+    }
     with _Timer(summary, "evaluate"):
         data, split = str(data_dir), "test"
         reconstruction.run(
@@ -221,7 +251,9 @@ def run_demo(
         )  # fmt: skip
         claims = paper.paper_claims(eval_dir)
         (eval_dir / "claims.json").write_text(json.dumps(claims, indent=2))
-        markdown = report.render_report([eval_dir], eval_dir)
+        groups = {title: {name: runs / name for name in group}
+                  for title, group in RUN_GROUPS.items()}  # fmt: skip
+        markdown = report.render_report([eval_dir], eval_dir, runs=groups)
         ratios = paper.phenotype_ratio_markdown(report.read_task_metrics(eval_dir / "phenotypes"))
         (eval_dir / "report.md").write_text(
             markdown + "\n" + paper.claims_markdown(claims) + "\n" + ratios + "\n"
@@ -243,6 +275,11 @@ def stages_markdown(summary: dict) -> str:
              f"{summary['image_size']}x{summary['image_size']}x{summary['frames']}; "
              f"steps: {summary['steps']}", ""]  # fmt: skip
     lines += [f"- {stage}: {seconds} s" for stage, seconds in summary["stage_seconds"].items()]
+    if summary.get("checkpoint_steps"):
+        lines += ["", "Test figures come from each run's best val checkpoint: "
+                  + ", ".join(f"{name} step {step}"
+                              for name, step in summary["checkpoint_steps"].items())
+                  + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,7 @@ from whmae.layout import NUM_PLANES, PLANE_NAMES
 from whmae.model.config import MAEConfig
 from whmae.model.io import load_config, load_model, resolve_checkpoint
 from whmae.model.mae import MaskedAutoencoder, embeddings
+from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, checkpoint_step, parse_checkpoint_step
 from whmae.train.mesh import batch_sharding, make_mesh, replicated
 
 __all__ = [
@@ -209,7 +210,8 @@ def write_embeddings(path: str | os.PathLike, result: dict[str, np.ndarray], **m
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whmae-embed", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="workdir, checkpoint or step dir")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--checkpoint-step", "--step", dest="checkpoint_step", default="best",
+                        type=parse_checkpoint_step, help=CHECKPOINT_STEP_HELP)  # fmt: skip
     parser.add_argument("--data", required=True, help="dataset directory (whmae-generate/prepare)")
     parser.add_argument("--split", default="test", help=f"one of {SPLITS}, a list, or 'all'")
     parser.add_argument("--out", required=True, help="output .npz file")
@@ -230,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown split(s) {bad}; use {SPLITS} or 'all'")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        directory, step = resolve_checkpoint(args.checkpoint, args.step)
+        directory, step = resolve_checkpoint(
+            args.checkpoint, checkpoint_step(args.checkpoint, args.checkpoint_step)
+        )
         mesh = local_data_mesh()
         seed = -1
         if args.random_init:

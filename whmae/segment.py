@@ -5,8 +5,9 @@
 For each exam folder ROOT/<eid> (sa.nii.gz, la_{2,3,4}ch.nii.gz), the exam is
 preprocessed as for training (`nifti_exam.preprocess_exam`, frames and size from the
 model), segmented, and the predicted labels are written back in each input's original
-grid and geometry (crop, slice selection and temporal resampling undone by
-`nifti_exam.restore_labels`, UK Biobank file labels):
+grid and geometry (crop, slice selection, temporal resampling and the canonical
+in-plane orientation undone by `nifti_exam.restore_labels` from the exam's geometry, so
+each label map has its input file's own voxel order; UK Biobank file labels):
 
   OUT/<eid>/seg_sa.nii.gz, seg_la_2ch.nii.gz, seg_la_4ch.nii.gz  (affine + header of the
       corresponding input image; voxels outside the model's window are 0)
@@ -37,6 +38,7 @@ from whmae import layout
 from whmae.data.nifti_exam import ExamError, nifti_name, preprocess_exam, restore_labels
 from whmae.phenotypes import phenotypes_from_exam
 from whmae.tasks.predict import input_geometry, load_finetuned
+from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
 
 __all__ = ["main", "segment_exams", "write_label_nifti"]
 
@@ -70,13 +72,16 @@ def segment_exams(
     eids: list[str] | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    checkpoint_step: int | str | None = "best",
 ) -> dict:
     """Segment the exam folders under root (all, or `eids`) and write OUT (see module
-    docstring). Returns the summary dict also written to OUT/segment_summary.json."""
+    docstring) with the model of `checkpoint_step` (best | latest | N; default the best
+    val step, else the newest). Returns the summary dict also written to
+    OUT/segment_summary.json (its `checkpoint_step` says which step)."""
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory of exam folders")
-    task, model, _ = load_finetuned(checkpoint)
+    task, model, config = load_finetuned(checkpoint, checkpoint_step)
     if task != "segmentation":
         raise ValueError(f"{checkpoint} holds a {task} model, not a segmentation model")
     (_, frames, size, _), _ = input_geometry(model)
@@ -91,7 +96,8 @@ def segment_exams(
 
     folders = _exam_folders(root, eids)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"found": len(folders), "written": [], "failed": {}}
+    summary = {"found": len(folders), "written": [], "failed": {},
+               "checkpoint_step": int(config.checkpoint_step)}  # fmt: skip
     rows: dict[str, list[float]] = {}
     pending: list[tuple[Path, dict, dict]] = []
 
@@ -157,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eids", help="comma-separated exam folder names (default: all)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--checkpoint-step", type=parse_checkpoint_step, default="best",
+                        help=CHECKPOINT_STEP_HELP)  # fmt: skip
     args = parser.parse_args(argv)
     eids = [e for e in args.eids.split(",") if e] if args.eids else None
     summary = segment_exams(
-        args.checkpoint, args.root, args.out, eids=eids, batch_size=args.batch_size
-    )
+        args.checkpoint, args.root, args.out, eids=eids, batch_size=args.batch_size,
+        checkpoint_step=args.checkpoint_step,
+    )  # fmt: skip
     print(
         f"{summary['found']} exams found, {len(summary['written'])} written, "
-        f"{len(summary['failed'])} failed"
+        f"{len(summary['failed'])} failed (checkpoint step {summary['checkpoint_step']})"
     )
     for eid, reason in summary["failed"].items():
         print(f"  {eid}: {reason}")

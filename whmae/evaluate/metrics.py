@@ -19,10 +19,12 @@ from scipy import ndimage, stats
 __all__ = [
     "bland_altman",
     "dice",
+    "dice_from_counts",
     "hd95",
     "mse",
     "pearson_r",
     "psnr",
+    "psnr_from_mse",
     "regression_stats",
     "ssim",
     "summary",
@@ -42,9 +44,17 @@ def dice(pred, truth, label: int | None = None) -> float:
     if p.shape != t.shape:
         raise ValueError(f"prediction {p.shape} and truth {t.shape} differ in shape")
     total = int(np.count_nonzero(p)) + int(np.count_nonzero(t))
-    if total == 0:
-        return math.nan
-    return 2.0 * int(np.count_nonzero(p & t)) / total
+    return float(dice_from_counts(int(np.count_nonzero(p & t)), total))
+
+
+def dice_from_counts(intersection, total):
+    """2 |P & T| / (|P| + |T|) from the counts (arrays elementwise); NaN where total is 0
+    (the class is absent from both: undefined, never 1)."""
+    intersection = np.asarray(intersection, np.float64)
+    total = np.asarray(total, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(total > 0, 2.0 * intersection / np.where(total > 0, total, 1.0), np.nan)
+    return out if out.ndim else float(out)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -155,8 +165,16 @@ def mse(pred, target) -> float:
 
 def psnr(pred, target, data_range: float = 1.0) -> float:
     """10 log10(data_range^2 / MSE) in dB; +inf for identical images."""
-    error = mse(pred, target)
-    return math.inf if error == 0 else float(10.0 * np.log10(data_range**2 / error))
+    return float(psnr_from_mse(mse(pred, target), data_range))
+
+
+def psnr_from_mse(error, data_range: float = 1.0):
+    """10 log10(data_range^2 / error) in dB of an MSE (arrays elementwise); +inf at 0."""
+    error = np.asarray(error, np.float64)
+    with np.errstate(divide="ignore"):
+        out = np.where(error > 0, 10.0 * np.log10(data_range**2 / np.where(error > 0, error, 1.0)),
+                       np.inf)  # fmt: skip
+    return out if out.ndim else float(out)
 
 
 def ssim(pred, target, data_range: float = 1.0) -> float:

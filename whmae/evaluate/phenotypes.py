@@ -344,10 +344,11 @@ def phenotype_table(metrics: Mapping, *, markdown: bool = False) -> str:
     return format_table(header, rows, markdown=markdown)
 
 
-def load_predictions(source, *, data_dir: str, split: str, batch_size: int) -> dict:
-    """Predictions of one model: `source` is an .npz of them, a fine-tuning workdir or a
-    phenotype model object (both through `whmae.tasks.predict.predict_phenotypes`), or
-    a result dict itself."""
+def load_predictions(source, *, data_dir: str, split: str, batch_size: int,
+                     checkpoint_step: str | int = "best") -> dict:  # fmt: skip
+    """Predictions of one model: `source` is an .npz of them, a fine-tuning workdir (at
+    `checkpoint_step`) or a phenotype model object (both through
+    `whmae.tasks.predict.predict_phenotypes`), or a result dict itself."""
     if isinstance(source, Mapping):
         return dict(source)
     if isinstance(source, str | os.PathLike) and str(source).endswith(".npz"):
@@ -357,7 +358,8 @@ def load_predictions(source, *, data_dir: str, split: str, batch_size: int) -> d
             return {k: f[k] for k in f.files}
     from whmae.tasks.predict import predict_phenotypes
 
-    return predict_phenotypes(source, data_dir, split, batch_size=batch_size)
+    return predict_phenotypes(source, data_dir, split, batch_size=batch_size,
+                              checkpoint_step=checkpoint_step)  # fmt: skip
 
 
 def parse_models(items: list[str]) -> dict[str, str]:
@@ -376,11 +378,17 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def run(models: Mapping[str, Any], data_dir: str, split: str, out_dir: str, *,
-        batch_size: int = 16) -> dict:  # fmt: skip
-    """Predict with every model (name -> `load_predictions` source), evaluate, write
-    metrics.json and the PNGs into out_dir."""
+        batch_size: int = 16, checkpoint_step: str | int = "best") -> dict:  # fmt: skip
+    """Predict with every model (name -> `load_predictions` source; workdirs at
+    `checkpoint_step`), evaluate, write metrics.json and the PNGs into out_dir."""
     results = {
-        name: load_predictions(path, data_dir=data_dir, split=split, batch_size=batch_size)
+        name: load_predictions(
+            path,
+            data_dir=data_dir,
+            split=split,
+            batch_size=batch_size,
+            checkpoint_step=checkpoint_step,
+        )  # fmt: skip
         for name, path in models.items()
     }
     training = {
@@ -389,6 +397,9 @@ def run(models: Mapping[str, Any], data_dir: str, split: str, out_dir: str, *,
         if isinstance(path, str | os.PathLike) and not str(path).endswith(".npz")
     }
     metrics = evaluate_phenotypes(results, training)
+    for name, r in results.items():
+        if "checkpoint_step" in r:
+            metrics["models"][name]["checkpoint_step"] = int(np.asarray(r["checkpoint_step"]))
     metrics["plots"] = {}
     out = Path(out_dir)
     for name, r in results.items():
@@ -405,6 +416,8 @@ def run(models: Mapping[str, Any], data_dir: str, split: str, out_dir: str, *,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
+
     parser = argparse.ArgumentParser(prog="whmae-evaluate phenotypes",
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--model", action="append", required=True, help="NAME=WORKDIR or .npz")
@@ -412,10 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--checkpoint-step", type=parse_checkpoint_step, default="best",
+                        help=CHECKPOINT_STEP_HELP)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         metrics = run(parse_models(args.model), args.data, args.split, args.out,
-                      batch_size=args.batch_size)  # fmt: skip
+                      batch_size=args.batch_size,
+                      checkpoint_step=args.checkpoint_step)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-evaluate phenotypes: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ __all__ = [
     "scatter_panels",
     "segmentation_overlay",
     "tsne_panels",
+    "val_curves",
 ]
 
 # Class colours (RGBA); background transparent.
@@ -182,4 +183,21 @@ def tsne_panels(path, coords, values: Mapping[str, np.ndarray], title: str = "")
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def val_curves(path, metric: str, curves: Mapping[str, tuple], title: str = "") -> Path:
+    """One metric's validation curves, one line per run: curves {run: (steps, values)};
+    a marker on each run's best step when given as a third item (step, value)."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for name, curve in curves.items():
+        steps, values = curve[0], curve[1]
+        (line,) = ax.plot(steps, values, marker=".", label=name)
+        if len(curve) > 2 and curve[2] is not None:
+            ax.plot(*curve[2], marker="*", markersize=12, color=line.get_color(), ls="none")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"val {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"val {metric}", fontsize=9)
     return _save(fig, path)

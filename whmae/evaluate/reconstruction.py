@@ -43,6 +43,8 @@ metrics.json (schema_version 1):
             "plane_types": {"long_axis"|"short_axis": {metric: SUMMARY}},
             "per_plane":   {plane_name: {metric: SUMMARY}},
             "plots": [file],                 (the model's figure on the figure exam)
+            "checkpoint_step": int,          (the step evaluated: by default the best val
+                                              step, else the newest)
             "figure_mse_masked": {"<plane> t=<frame>": float}}},  (the figure's panels)
   figure: {"eid": str, "frames": [int], "planes": [plane names shown],
            "tokens_per_plane": int, "kept_per_plane": int, "mask_ratio": float
@@ -84,6 +86,7 @@ __all__ = [
     "main",
     "reconstruct",
     "reconstruct_exam",
+    "reconstruction_images",
     "reconstruction_table",
 ]
 
@@ -104,19 +107,34 @@ def make_reconstruct_fn(model, mask_ratio: float):
         selected, available = m.select_planes(images, plane_mask)
         encoded = m.encode(images, plane_mask, key, mask_ratio=mask_ratio)
         pred = m.decode(encoded)  # [B, N, P]
-        patches = patchify(selected, c.patch_size)
-        if c.norm_pix_loss:
-            mean = patches.mean(-1, keepdims=True)
-            std = jax.numpy.sqrt(patches.var(-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
-            pred = pred * std + mean
-        masked = restore_ids(encoded["ids_shuffle"]) >= encoded["num_kept"][:, None]  # [B, N]
-        masked = jax.numpy.broadcast_to(masked[..., None], pred.shape).astype(jax.numpy.float32)
-        recon = jax.numpy.clip(unpatchify(pred, c.grid, c.patch_size), 0.0, 1.0)
-        return selected, recon, unpatchify(masked, c.grid, c.patch_size) > 0.5, available
+        recon, masked = reconstruction_images(
+            c, selected, pred, encoded["ids_shuffle"], encoded["num_kept"]
+        )
+        return selected, recon, masked, available
 
     return lambda images, plane_mask, key: jax.device_get(
         reconstruct(state, images, plane_mask, key)
     )
+
+
+def reconstruction_images(config, selected, pred, ids_shuffle, num_kept):
+    """(reconstruction float [B, S, T, H, W] in [0, 1], masked bool [B, S, T, H, W]) from
+    the decoder's output pred [B, N, P] (original token order; norm-pix models
+    de-normalised with each true patch's mean and variance) on the model's planes
+    `selected` [B, S, T, H, W] (pixels in [0, 1]); jittable."""
+    c = config
+    patches = patchify(selected, c.patch_size)
+    if c.norm_pix_loss:
+        mean = patches.mean(-1, keepdims=True)
+        std = jax.numpy.sqrt(patches.var(-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
+        pred = pred * std + mean
+    masked = restore_ids(ids_shuffle) >= num_kept[:, None]  # [B, N]
+    masked = jax.numpy.broadcast_to(masked[..., None], pred.shape).astype(jax.numpy.float32)
+    recon = jax.numpy.clip(unpatchify(pred, c.grid, c.patch_size), 0.0, 1.0)
+    return recon, unpatchify(masked, c.grid, c.patch_size) > 0.5
+
+
+PLANE_TYPES = {"long_axis": layout.LONG_AXIS_PLANES, "short_axis": layout.SHORT_AXIS_PLANES}
 
 
 def reconstruct(model, data_dir, split: str = "test", *, batch_size: int = 8,
@@ -190,8 +208,7 @@ def evaluate_reconstruction(model, data_dir, split: str = "test", *, batch_size:
         },  # fmt: skip
         "plots": [],
     }
-    for plane_type, members in (("long_axis", layout.LONG_AXIS_PLANES),
-                                ("short_axis", layout.SHORT_AXIS_PLANES)):  # fmt: skip
+    for plane_type, members in PLANE_TYPES.items():
         chosen = [p for p in planes if p in members]
         if chosen:
             entry["plane_types"][plane_type] = {
@@ -488,13 +505,16 @@ def reconstruction_table(metrics: Mapping, *, markdown: bool = False) -> str:
 
 def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, batch_size: int = 8,
         mask_ratio: float | None = None, seed: int = 0, plot_planes=None, plot_frames=None,
-        progress: bool = True) -> dict:  # fmt: skip
-    """Evaluate every (name -> MAE checkpoint); write metrics.json, each model's figure
-    and the comparison figure (the same exam, frames, planes and mask for all)."""
+        progress: bool = True, checkpoint_step: str | int = "best") -> dict:  # fmt: skip
+    """Evaluate every (name -> MAE checkpoint, at `checkpoint_step`: best | latest | N);
+    write metrics.json, each model's figure and the comparison figure (the same exam,
+    frames, planes and mask for all)."""
     from whmae.model.io import load_model
+    from whmae.train.checkpoint import checkpoint_step as resolve_step
 
     out = Path(out_dir)
-    loaded = {name: load_model(path)[0] for name, path in models.items()}
+    steps = {name: resolve_step(path, checkpoint_step) for name, path in models.items()}
+    loaded = {name: load_model(path, steps[name])[0] for name, path in models.items()}
     exam = figure_exam(data_dir, split)
     figure, results = draw_figures(loaded, exam, out, mask_ratio=mask_ratio, seed=seed,
                                    plot_planes=plot_planes, plot_frames=plot_frames)  # fmt: skip
@@ -509,6 +529,7 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, batch_size:
         path = out / f"reconstruction_{name}.png"
         entries[name]["plots"] = [model_figure(path, results[name], planes, frames, name).name]
         entries[name]["figure_mse_masked"] = panel_mse_masked(results[name], planes, frames)
+        entries[name]["checkpoint_step"] = steps[name]
     metrics = {"task": "reconstruction", "schema_version": SCHEMA_VERSION, "split": split,
                "data_dir": str(data_dir), "seed": seed, "models": entries,
                "figure": figure}  # fmt: skip
@@ -518,6 +539,7 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, batch_size:
 
 def main(argv: list[str] | None = None) -> int:
     from whmae.embed import parse_planes
+    from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
 
     parser = argparse.ArgumentParser(prog="whmae-evaluate reconstruction",
                                      description=__doc__.split("\n")[0])  # fmt: skip
@@ -531,11 +553,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-planes", help="planes of the PNG grid, e.g. la_4ch,sa_2")
     parser.add_argument("--plot-frames", help="frames of the PNG grid, e.g. 0,25")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--checkpoint-step", type=parse_checkpoint_step, default="best",
+                        help=CHECKPOINT_STEP_HELP)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         metrics = run(
             parse_models(args.model), args.data, args.split, args.out,
             batch_size=args.batch_size, mask_ratio=args.mask_ratio, seed=args.seed,
+            checkpoint_step=args.checkpoint_step,
             plot_planes=parse_planes(args.plot_planes) if args.plot_planes else None,
             plot_frames=[int(f) for f in args.plot_frames.split(",")] if args.plot_frames
             else None,

@@ -9,6 +9,11 @@ links to its PNGs, relative to the report so the folder can be moved as a whole.
 phenotype section says in plain words which model did not learn which phenotype
 (`whmae.evaluate.phenotypes.learning_summary`).
 
+With `--runs TITLE NAME=WORKDIR [NAME=WORKDIR ...]` (repeatable: one group each) the
+report also puts training runs side by side (`whmae.evaluate.runs`): one PNG of val
+curves per metric (in `val_curves/` beside the report) and a table of each run's final
+and best val values, with the checkpoint step the evaluations read.
+
 Each task writes its own metrics.json version (its module's `SCHEMA_VERSION`);
 `read_task_metrics` checks a file against the version of its task.
 """
@@ -24,7 +29,14 @@ from pathlib import Path
 from whmae.evaluate import phenotypes, reconstruction, representation, segmentation
 from whmae.evaluate.results import format_table, jsonable, read_metrics
 
-__all__ = ["find_metrics", "main", "read_task_metrics", "render_report", "write_report"]
+__all__ = [
+    "find_metrics",
+    "main",
+    "read_task_metrics",
+    "render_report",
+    "render_runs",
+    "write_report",
+]
 
 TASK_ORDER = ("reconstruction", "phenotypes", "segmentation", "representation")
 TASK_MODULES = {
@@ -142,32 +154,61 @@ def render_section(metrics_path: Path, report_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def render_report(paths: Sequence[str | os.PathLike], report_dir: str | os.PathLike) -> str:
-    """The whole markdown report of the metrics.json found under `paths`."""
+CURVES_DIR = "val_curves"
+
+
+def render_runs(runs: Mapping[str, Mapping[str, str | os.PathLike]], report_dir) -> str:
+    """The "Training runs" section: each group {title: {name: workdir}} side by side."""
+    from whmae.evaluate.runs import runs_section
+
     report_dir = Path(report_dir).absolute()
-    found = [p.absolute() for p in find_metrics(paths)]
+    body = [runs_section(title, group, report_dir / CURVES_DIR, report_dir)
+            for title, group in runs.items()]  # fmt: skip
+    return "\n".join(["## Training runs", "", *body])
+
+
+def render_report(
+    paths: Sequence[str | os.PathLike],
+    report_dir: str | os.PathLike,
+    runs: Mapping[str, Mapping[str, str | os.PathLike]] | None = None,
+) -> str:
+    """The whole markdown report of the metrics.json found under `paths`, and of the
+    training `runs` ({group title: {name: workdir}}) side by side."""
+    report_dir = Path(report_dir).absolute()
+    found = [p.absolute() for p in find_metrics(paths)] if paths or not runs else []
     tasks = {p: read_task_metrics(p)["task"] for p in found}
     order = {t: i for i, t in enumerate(TASK_ORDER)}
     found.sort(key=lambda p: (order.get(tasks[p], len(order)), str(p)))
     body = [render_section(p, report_dir) for p in found]
+    if runs:
+        body.append(render_runs(runs, report_dir))
     return "\n".join(["# whmae evaluation report", "", *body])
 
 
-def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, runs=None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(paths, out.parent))
+    out.write_text(render_report(paths, out.parent, runs))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whmae-evaluate report",
                                      description=__doc__.split("\n")[0])  # fmt: skip
-    parser.add_argument("results", nargs="+", help="task output directories (metrics.json)")
+    parser.add_argument("results", nargs="*", help="task output directories (metrics.json)")
     parser.add_argument("--out", default="report.md", help="markdown file to write")
+    parser.add_argument(
+        "--runs", nargs="+", action="append", default=[], metavar="TITLE NAME=WORKDIR",
+        help="a group of training workdirs side by side: val curves and final / best "
+        "values (repeatable, one group each)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.results and not args.runs:
+        parser.error("give task output directories, --runs groups, or both")
     try:
-        out = write_report(args.results, args.out)
+        from whmae.evaluate.runs import parse_runs
+
+        out = write_report(args.results, args.out, parse_runs(args.runs))
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-evaluate report: {e}", file=sys.stderr)
         return 2

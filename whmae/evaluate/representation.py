@@ -431,12 +431,13 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, controls=No
         tsne_splits=None, embedding: str = "cls", columns=layout.PAPER_PHENOTYPES,
         pairs: int = 10, regression=None, batch_size: int = 32, seed: int = 0,
         skip_tsne: bool = False, skip_robustness: bool = False,
-        progress: bool = True) -> dict:  # fmt: skip
+        progress: bool = True, checkpoint_step: str | int = "best") -> dict:  # fmt: skip
     """t-SNE and robustness of every (name -> MAE checkpoint), and robustness of every
     control (name -> checkpoint whose config an untrained MAE takes,
     `whmae.embed.random_init_model`); writes metrics.json + PNGs."""
     from whmae.embed import random_init_model
     from whmae.model.io import load_model
+    from whmae.train.checkpoint import checkpoint_step as resolve_step
 
     controls = dict(controls or {})
     clash = sorted(set(models) & set(controls))
@@ -445,8 +446,9 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, controls=No
     out = Path(out_dir)
     entries = {}
     for name, path in models.items():
-        model, _ = load_model(path)
-        entry = {"control": None}
+        step = resolve_step(path, checkpoint_step)
+        model, _ = load_model(path, step)
+        entry = {"control": None, "checkpoint_step": step}
         if not skip_tsne:
             entry["tsne"] = tsne(model, data_dir, tsne_splits or (split,), out / f"tsne_{name}.png",
                                  columns=columns, embedding=embedding, seed=seed,
@@ -472,6 +474,7 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, controls=No
 
 def main(argv: list[str] | None = None) -> int:
     from whmae.data.splits import SPLITS
+    from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
 
     parser = argparse.ArgumentParser(prog="whmae-evaluate representation",
                                      description=__doc__.split("\n")[0])  # fmt: skip
@@ -499,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tsne", action="store_true")
     parser.add_argument("--skip-robustness", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--checkpoint-step", type=parse_checkpoint_step, default="best",
+                        help=CHECKPOINT_STEP_HELP)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         tsne_splits = None
@@ -516,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                       columns=columns, pairs=args.pairs, regression=args.regression,
                       batch_size=args.batch_size, seed=args.seed, skip_tsne=args.skip_tsne,
                       skip_robustness=args.skip_robustness,
-                      progress=not args.no_progress)  # fmt: skip
+                      progress=not args.no_progress,
+                      checkpoint_step=args.checkpoint_step)  # fmt: skip
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"whmae-evaluate representation: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,9 @@ metrics.json (schema_version 1):
             "phenotypes": {column: STATS}       (as in whmae.evaluate.phenotypes), predicted
                                                 segmentation's value vs the truth's
             "phenotype_failures": int,
-            "plots": [file]}}                   overlay PNGs beside the JSON
+            "plots": [file],                    overlay PNGs beside the JSON
+            "checkpoint_step": int}}            the step of a workdir evaluated (by
+                                                default the best val step, else the newest)
   SUMMARY {"mean", "sd", "n", "n_undefined", "n_infinite"} over exams.
 """
 
@@ -48,7 +50,7 @@ import numpy as np
 
 from whmae import layout
 from whmae.evaluate import plots
-from whmae.evaluate.metrics import dice, hd95, regression_stats, summary
+from whmae.evaluate.metrics import dice, dice_from_counts, hd95, regression_stats, summary
 from whmae.evaluate.phenotypes import parse_models
 from whmae.evaluate.results import SCHEMA_VERSION, format_table, jsonable, write_metrics
 from whmae.phenotypes import phenotype_vector, phenotypes_from_exam
@@ -61,6 +63,7 @@ __all__ = [
     "main",
     "segmentation_phenotype_table",
     "segmentation_table",
+    "validation",
 ]
 
 VIEWS = {
@@ -99,6 +102,45 @@ def exam_scores(pred, truth, labelled, pixel_spacing) -> dict[str, dict[str, dic
         scores["hd95_mm"][view] = {n: _exam_hd95(p, t, spacings, c)
                                    for n, c in zip(names, classes, strict=True)}  # fmt: skip
     return scores
+
+
+def validation(planes):
+    """Val metrics of a segmentation model on `planes` during training
+    (`whmae.train.validation`; `whmae.tasks.segmentation` is the task):
+
+      dice_<class>  Dice of the argmax prediction, per foreground class the planes can
+                    hold, over all labelled and acquired planes and frames of the subset
+                    (one volume per class; null when absent from truth and prediction)
+      dice_mean     the mean over those classes
+    """
+    import jax.numpy as jnp
+
+    from whmae.tasks.segmentation import plane_weights
+    from whmae.train.validation import Validation, mean_finite
+
+    allowed = np.asarray(layout.plane_class_mask(tuple(planes)), bool)
+    classes = [c for c in range(1, layout.NUM_CLASSES) if allowed[:, c].any()]
+
+    def fn(model, batch, key):
+        del key
+        pred = model(batch["images"], batch["plane_mask"]).argmax(axis=-1)  # [B, S, T, H, W]
+        truth = batch["labels"][:, np.asarray(model.planes)]
+        weight = plane_weights(batch, model.planes)[:, :, None, None, None]
+        intersection, total = [], []
+        for c in range(layout.NUM_CLASSES):  # one class at a time: no one-hot volume
+            p = (pred == c).astype(jnp.float32) * weight
+            t = (truth == c).astype(jnp.float32) * weight
+            intersection.append(jnp.sum(p * t, axis=(1, 2, 3, 4)))
+            total.append(jnp.sum(p + t, axis=(1, 2, 3, 4)))
+        return {"intersection": jnp.stack(intersection, -1), "total": jnp.stack(total, -1)}
+
+    def summarise(values):
+        scores = dice_from_counts(values["intersection"].sum(0), values["total"].sum(0))
+        out = {f"dice_{layout.CLASS_NAMES[c]}": float(scores[c]) for c in classes}
+        out["dice_mean"] = mean_finite(scores[c] for c in classes)
+        return out
+
+    return Validation(fn=fn, summarise=summarise)
 
 
 def _phenotypes(exam: dict, labels: np.ndarray) -> np.ndarray | None:
@@ -215,7 +257,8 @@ def _dataset_images(data_dir, split: str, eids) -> dict[str, np.ndarray]:
     return found
 
 
-def load_segmentations(source, *, data_dir, split: str, batch_size: int) -> dict:
+def load_segmentations(source, *, data_dir, split: str, batch_size: int,
+                       checkpoint_step: str | int = "best") -> dict:  # fmt: skip
     """One model's segmentations: `source` is a result dict, an .npz of one (e.g. another
     method's predictions, same keys), a fine-tuning workdir or a segmentation model (both
     through `whmae.tasks.predict.predict_segmentation`)."""
@@ -228,18 +271,20 @@ def load_segmentations(source, *, data_dir, split: str, batch_size: int) -> dict
             return {k: f[k] for k in f.files}
     from whmae.tasks.predict import predict_segmentation
 
-    return predict_segmentation(source, data_dir, split, batch_size=batch_size)
+    return predict_segmentation(source, data_dir, split, batch_size=batch_size,
+                                checkpoint_step=checkpoint_step)  # fmt: skip
 
 
 def run(models: Mapping[str, Any], data_dir, split: str, out_dir, *, batch_size: int = 4,
-        overlays: int = 2) -> dict:  # fmt: skip
+        overlays: int = 2, checkpoint_step: str | int = "best") -> dict:  # fmt: skip
     """Segment with each model (name -> `load_segmentations` source), evaluate, write
     metrics.json and the overlays into out_dir."""
     out = Path(out_dir)
     entries = {}
     for name, source in models.items():
         result = load_segmentations(source, data_dir=data_dir, split=split,
-                                    batch_size=batch_size)  # fmt: skip
+                                    batch_size=batch_size,
+                                    checkpoint_step=checkpoint_step)  # fmt: skip
         try:
             entry = evaluate_segmentation(result)
         except ValueError as e:
@@ -247,6 +292,8 @@ def run(models: Mapping[str, Any], data_dir, split: str, out_dir, *, batch_size:
         eids = np.asarray(result["eid"]).astype(str)[:overlays]
         images = _dataset_images(data_dir, split, eids) if len(eids) else {}
         entry["plots"] = []
+        if "checkpoint_step" in result:
+            entry["checkpoint_step"] = int(np.asarray(result["checkpoint_step"]))
         for i, eid in enumerate(eids):
             rows = overlay_rows(result, i, images.get(eid))
             if rows:
@@ -261,6 +308,8 @@ def run(models: Mapping[str, Any], data_dir, split: str, out_dir, *, batch_size:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
+
     parser = argparse.ArgumentParser(prog="whmae-evaluate segmentation",
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--model", action="append", required=True,
@@ -270,10 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--overlays", type=int, default=2, help="exams to draw")
+    parser.add_argument("--checkpoint-step", type=parse_checkpoint_step, default="best",
+                        help=CHECKPOINT_STEP_HELP)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         metrics = run(parse_models(args.model), args.data, args.split, args.out,
-                      batch_size=args.batch_size, overlays=args.overlays)  # fmt: skip
+                      batch_size=args.batch_size, overlays=args.overlays,
+                      checkpoint_step=args.checkpoint_step)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"whmae-evaluate segmentation: {e}", file=sys.stderr)
         return 2

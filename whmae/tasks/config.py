@@ -79,6 +79,12 @@ def base_config(task: str, tokens: tuple[str, ...]) -> ml_collections.ConfigDict
         log_every=5 if tiny else 50,
         checkpoint_every=30 if tiny else 2_000,
         keep_checkpoints=2,
+        # Validation (`whmae.train.validation`): every eval_every steps (0: off) on the
+        # first eval_exams val exams; the task's config sets best_metric / best_mode.
+        eval_every=10 if tiny else 1_000,
+        eval_exams=16 if tiny else 256,
+        best_metric="",
+        best_mode="min",
         distributed="auto",
     )
     return c

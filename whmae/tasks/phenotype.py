@@ -40,6 +40,7 @@ __all__ = [
     "build_regressor",
     "phenotype_loss",
     "phenotype_task",
+    "phenotype_validation",
     "train_stats",
 ]
 
@@ -225,10 +226,50 @@ def phenotype_task(config: Any) -> Task:
         init_params = pretrained_encoder_init(
             config.init.checkpoint, init_step(config), encoder_config(config.model)
         )
+    kind, delta = config.loss, float(config.get("huber_delta", 1.0))
     return Task(
         name="phenotype",
         model_fn=lambda rngs: build_regressor(config, rngs, mean, std),
-        loss_fn=phenotype_loss(config.loss, float(config.get("huber_delta", 1.0))),
+        loss_fn=phenotype_loss(kind, delta),
         fields=FIELDS,
         init_params=init_params,
+        validation=phenotype_validation(tuple(config.phenotypes), kind, delta),
     )
+
+
+def phenotype_validation(columns: Sequence[str], kind: str = "mse", delta: float = 1.0):
+    """Val metrics of a regression model (`whmae.train.validation`):
+
+    loss           the training loss, pooled over the subset's observed entries
+    mae_std        the mean over phenotypes of each one's MAE on standardised targets
+                   (the train step's `mae_std`, over the subset)
+    mae_<column>   each phenotype's MAE in its original units (e.g. `mae_LVM_g`), as
+                   `whmae-evaluate phenotypes` computes it (missing targets left out)
+    """
+    from whmae.evaluate.metrics import regression_stats
+    from whmae.evaluate.phenotypes import mean_guess_loss
+    from whmae.train.validation import Validation, mean_finite, slug
+
+    def fn(model, batch, key):
+        del key
+        pred = model(batch["images"], batch["plane_mask"])
+        return {
+            "pred_std": pred,
+            "target_std": model.standardise(batch["phenotypes"]),
+            "pred": model.to_physical(pred),
+            "target": batch["phenotypes"][:, np.asarray(model.column_ids)].astype(jnp.float32),
+        }
+
+    def summarise(values):
+        error = values["pred_std"] - values["target_std"]  # NaN where the target is missing
+        out = {"loss": mean_guess_loss(error, kind, delta)}
+        per_column = [regression_stats(values["pred_std"][:, k], values["target_std"][:, k])
+                      for k in range(len(columns))]  # fmt: skip
+        out["mae_std"] = mean_finite(s["mae"] for s in per_column)
+        for k, column in enumerate(columns):
+            out[f"mae_{slug(column)}"] = regression_stats(
+                values["pred"][:, k], values["target"][:, k]
+            )["mae"]
+        return out
+
+    return Validation(fn=fn, summarise=summarise)

@@ -10,7 +10,8 @@ the padding dropped), in dataset order. Results are numpy:
 
 predict_phenotypes -> eid str [N]; columns tuple[str] (K); pred float32 [N, K] in
   physical units; target float32 [N, K] (NaN = missing); train_mean float32 [K] (the
-  train split's means the model standardised with: the mean-guess baseline).
+  train split's means the model standardised with: the mean-guess baseline);
+  checkpoint_step int (the step read from a workdir: by default the best val step).
 predict_segmentation -> eid [N]; pred uint8 [N, 9, T, H, W] (argmax class, always one of
   the plane's `layout.PLANE_CLASSES`: the model masks the others; planes the model does
   not segment are 0); labels uint8 [N, 9, T, H, W]; label_mask bool [N, 9]
@@ -37,6 +38,7 @@ from whmae.data.pipeline import make_pipeline, num_examples
 from whmae.embed import local_data_mesh
 from whmae.layout import NUM_PLANES
 from whmae.model.io import resolve_checkpoint
+from whmae.train.checkpoint import checkpoint_step as resolve_step
 from whmae.train.mesh import batch_sharding, replicated
 
 __all__ = ["build_model", "load_finetuned", "predict_phenotypes", "predict_segmentation"]
@@ -84,12 +86,14 @@ def _read_config(step_dir: Path) -> ml_collections.ConfigDict:
 
 
 def load_finetuned(
-    workdir: str | os.PathLike, step: int | None = None
+    workdir: str | os.PathLike, step: int | str | None = "best"
 ) -> tuple[str, nnx.Module, ml_collections.ConfigDict]:
     """(task name "phenotype" | "segmentation", model, config) of a whmae-finetune run's
-    checkpoint (newest step by default). Only parameters and the model's other variables
-    (phenotype scales) are read, onto the default device."""
-    directory, step = resolve_checkpoint(workdir, step)
+    checkpoint: `step` "best" (default: the best val step, else the newest; see
+    `whmae.train.checkpoint.checkpoint_step`), "latest" (None) or a step number; the
+    config's `checkpoint_step` says which step it was. Only parameters and the model's
+    other variables (phenotype scales) are read, onto the default device."""
+    directory, step = resolve_checkpoint(workdir, resolve_step(workdir, step))
     config = _read_config(directory / str(step))
     abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -115,16 +119,19 @@ def load_finetuned(
             f"{directory / str(step)}: the state does not fit the model of its config ({e})"
         ) from None
     model = nnx.merge(graphdef, restored["params"], restored.get("rest", rest))
+    with config.unlocked():
+        config.checkpoint_step = int(step)
     return str(config.task), model, config
 
 
-def _model(workdir_or_model, task: str) -> nnx.Module:
+def _model(workdir_or_model, task: str, step: int | str | None = "best"):
+    """(model, checkpoint step it was read from; None for a model object)."""
     if isinstance(workdir_or_model, nnx.Module):
-        return workdir_or_model
-    found, model, _ = load_finetuned(workdir_or_model)
+        return workdir_or_model, None
+    found, model, config = load_finetuned(workdir_or_model, step)
     if found != task:
         raise ValueError(f"{workdir_or_model} holds a {found} model, not a {task} model")
-    return model
+    return model, int(config.checkpoint_step)
 
 
 def input_geometry(model) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -199,15 +206,17 @@ def predict_phenotypes(
     batch_size: int = 16,
     absent_planes: Sequence[int] = (),
     config: Any = None,
+    checkpoint_step: int | str | None = "best",
 ) -> dict[str, Any]:
     """Phenotype predictions of every exam of `split` (see the module docstring).
 
     `absent_planes`: plane indices removed through plane_mask (token removal), for the
     robustness evaluation. `config` is accepted for symmetry and unused: the model
-    carries its columns and train statistics.
+    carries its columns and train statistics. `checkpoint_step`: which step of a
+    workdir (`load_finetuned`); the result's `checkpoint_step` says which it was.
     """
     del config
-    model = _model(workdir_or_model, "phenotype")
+    model, step = _model(workdir_or_model, "phenotype", checkpoint_step)
 
     def apply(model, images, plane_mask):
         return model.to_physical(model(images, plane_mask))
@@ -223,6 +232,8 @@ def predict_phenotypes(
     out = {k: np.concatenate(v) for k, v in rows.items()}
     out["columns"] = tuple(model.columns)
     out["train_mean"] = np.asarray(model.target_mean[...], np.float32)
+    if step is not None:
+        out["checkpoint_step"] = step
     return out
 
 
@@ -233,10 +244,12 @@ def predict_segmentation(
     *,
     batch_size: int = 4,
     config: Any = None,
+    checkpoint_step: int | str | None = "best",
 ) -> dict[str, np.ndarray]:
-    """Segmentations of every exam of `split` (see the module docstring)."""
+    """Segmentations of every exam of `split` (see the module docstring);
+    `checkpoint_step` as in `predict_phenotypes`."""
     del config
-    model = _model(workdir_or_model, "segmentation")
+    model, step = _model(workdir_or_model, "segmentation", checkpoint_step)
     planes = np.asarray(model.planes)
     segmented = np.zeros(NUM_PLANES, bool)
     segmented[planes] = True
@@ -258,4 +271,6 @@ def predict_segmentation(
         rows["label_mask"][-1] = rows["label_mask"][-1].astype(bool) & segmented
     out = {k: np.concatenate(v) for k, v in rows.items()}
     out["eid"] = out["eid"].astype(str)
+    if step is not None:
+        out["checkpoint_step"] = step
     return out

@@ -16,8 +16,14 @@ line names it, and the newest older step is tried. If the step reads back fine, 
 target is at fault (e.g. a changed model) and the error is raised.
 
 Saves are asynchronous (device arrays are copied, the writing happens in a
-background thread); `save_every` and `keep` become the manager's
-`save_interval_steps` and `max_to_keep`.
+background thread); `save_every` becomes the manager's `save_interval_steps`.
+
+Which steps stay: the newest `keep` (all when None) and, with `best_metric` (the
+config's `train.best_metric` / `train.best_mode`), also the best step by that validation
+metric among the steps saved with val metrics (Orbax's `best_fn` / `best_mode`; the
+metrics are the manager's `metrics` item of the step). `latest_step()` is always the
+newest step (what a resumed run continues from), `best_step()` the best one (what
+evaluation and inference use by default, `checkpoint_step`).
 
 Preemption: `PreemptionWatcher.reached(step)` turns True at the same step on
 every process after a SIGTERM. Multi-process jobs use JAX's preemption sync
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -41,6 +48,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -65,6 +73,79 @@ def committed_steps(directory: str) -> list[int]:
     )
 
 
+CHECKPOINT_STEP_CHOICES = ("best", "latest")
+CHECKPOINT_STEP_HELP = (
+    "checkpoint step: best (by the run's validation metric, train.best_metric; the newest "
+    "step when no step was ranked), latest, or a step number"
+)
+
+
+def parse_checkpoint_step(text: str | int) -> str | int:
+    """'best', 'latest' or a step number (argparse `type=` of `--checkpoint-step`)."""
+    value = str(text).strip().lower()
+    if value in CHECKPOINT_STEP_CHOICES:
+        return value
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"checkpoint step must be best, latest or a step number, got {text!r}")
+
+
+def _read_json_item(where: str) -> dict:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(where, args=ocp.args.JsonRestore())
+
+
+def best_criterion(directory: str, step: int) -> tuple[str, str] | None:
+    """(train.best_metric, train.best_mode) of the config saved with `step`, if any."""
+    where = os.path.join(directory, str(step), "config")
+    if not os.path.isdir(where):
+        return None
+    try:
+        train = (_read_json_item(where) or {}).get("train") or {}
+    except Exception:  # noqa: BLE001 - a config we cannot read names no criterion
+        return None
+    metric = train.get("best_metric") if isinstance(train, Mapping) else None
+    return (str(metric), str(train.get("best_mode", "min"))) if metric else None
+
+
+def checkpoint_step(path: str | os.PathLike, which: str | int | None = "best") -> int:
+    """The step `which` ("best" | "latest" | N; None = "latest") names among a run's
+    checkpoints. `path`: the run's workdir, its checkpoint directory, or one step
+    directory (then that step). "best" is the best step by the run's `train.best_metric`
+    among the steps saved with val metrics, else the newest step (no metric, no step
+    evaluated, or a converted checkpoint)."""
+    which = "latest" if which is None else parse_checkpoint_step(which)
+    path = os.path.abspath(os.fspath(path))
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        if isinstance(which, int) and which != int(name):
+            raise ValueError(f"{path} is step {name}, but step {which} was asked for")
+        return int(name)
+    directory = os.path.join(path, CHECKPOINT_DIR)
+    directory = directory if os.path.isdir(directory) else path
+    steps = committed_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no checkpoint steps")
+    if isinstance(which, int):
+        if which not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {which} in {directory}; have {steps}")
+        return which
+    if which == "latest":
+        return steps[-1]
+    criterion = best_criterion(directory, steps[-1])
+    if criterion is None:
+        return steps[-1]
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn(*criterion), best_mode=criterion[1], create=False
+    )
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        best = manager.best_step()
+        ranked = best is not None and manager.metrics(best)
+    finally:
+        manager.close()
+    return int(best) if ranked else steps[-1]
+
+
 def _one_line(error: BaseException, limit: int = 300) -> str:
     """The innermost cause of `error` as one short line (TensorStore's status line)."""
     while error.__cause__ is not None or (
@@ -82,8 +163,33 @@ def abstract_like(state: Any) -> Any:
     )
 
 
+BEST_MODES = ("min", "max")
+
+
+def best_fn(metric: str, mode: str):
+    """Orbax `best_fn`: a step's saved val metrics -> the value ranked by `mode`; a missing
+    or non-finite value ranks worst (never "best" because it is NaN)."""
+    if mode not in BEST_MODES:
+        raise ValueError(f"train.best_mode must be one of {BEST_MODES}, got {mode!r}")
+    worst = math.inf if mode == "min" else -math.inf
+
+    def fn(metrics) -> float:
+        value = (metrics or {}).get(metric) if isinstance(metrics, Mapping) else None
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return worst
+        return value if math.isfinite(value) else worst
+
+    return fn
+
+
 class Checkpointer:
-    """A CheckpointManager over the items state / data_iter / config."""
+    """A CheckpointManager over the items state / data_iter / config (+ Orbax's metrics).
+
+    `keep`: the newest steps kept (None: all). `best_metric` (a key of the metrics passed
+    to `save`) and `best_mode` (min | max): the best step by it is kept too.
+    """
 
     def __init__(
         self,
@@ -92,15 +198,35 @@ class Checkpointer:
         save_every: int,
         keep: int | None = None,
         async_save: bool = True,
+        best_metric: str | None = None,
+        best_mode: str = "min",
     ):
         if save_every < 1:
             raise ValueError(f"checkpoint interval must be >= 1 step, got {save_every}")
         self.directory = os.path.abspath(directory)
+        self.best_metric = best_metric or None
+        tracking = {}
+        if self.best_metric:
+            rank = best_fn(self.best_metric, best_mode)
+            policy = preservation_policy.AnyPreservationPolicy(
+                [
+                    preservation_policy.LatestN(n=keep),
+                    preservation_policy.BestN(
+                        get_metric_fn=rank,
+                        reverse=best_mode == "min",
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            )
+            tracking = dict(best_fn=rank, best_mode=best_mode, preservation_policy=policy)
+        else:
+            tracking = dict(max_to_keep=keep)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            **tracking,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data_iter", "config"), options=options
@@ -108,6 +234,24 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best step by `best_metric` among the steps saved with val metrics; None
+        when there is none (or no `best_metric`)."""
+        if not self.best_metric:
+            return None
+        best = self._manager.best_step()
+        if best is None or self.metrics(best) is None:
+            return None
+        return best
+
+    def metrics(self, step: int) -> dict | None:
+        """The val metrics saved with `step` (None when it was saved without)."""
+        try:
+            metrics = self._manager.metrics(step)
+        except Exception:  # noqa: BLE001 - no metrics item: saved without
+            return None
+        return dict(metrics) if metrics else None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -120,17 +264,25 @@ class Checkpointer:
         config: Mapping[str, Any] | None = None,
         *,
         force: bool = False,
+        metrics: Mapping[str, float] | None = None,
     ) -> bool:
         """Start saving `state` (and the iterator position) as `step`; True if it saves.
 
-        Without `force` only steps on the `save_every` interval are written.
+        Without `force` only steps on the `save_every` interval are written. `metrics`:
+        the step's val metrics (finite floats kept), ranked when `best_metric` is set.
         """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(dict(config))
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if metrics is not None and self.best_metric:
+            metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        else:
+            metrics = None
+        return self._manager.save(
+            step, args=ocp.args.Composite(**items), force=force, metrics=metrics
+        )
 
     def restore(
         self,

@@ -3,16 +3,25 @@
 `train(config, workdir, task)` joins the multi-host job, builds the mesh, the
 sharded state and the jitted step, streams Grain batches, continues from the
 latest checkpoint in `workdir/checkpoints` (state and data position), logs,
-checkpoints, and stops cleanly on SIGTERM or loudly on a non-finite loss.
+checkpoints, evaluates on the `val` split every `train.eval_every` steps
+(`whmae.train.validation`), and stops cleanly on SIGTERM or loudly on a non-finite loss.
 
 Reproducibility: the per-step key is `fold_in(key(train.seed), state.step)` (inside
 the step), and the data iterator position is checkpointed, so a resumed run
-repeats the uninterrupted run's losses exactly.
+repeats the uninterrupted run's losses exactly; validation uses a fixed subset and a
+fixed key, so its values repeat too.
+
+Validation and the best checkpoint: at every `eval_every` step the task's val metrics
+are written (metrics.jsonl rows with `split: "val"`, TensorBoard `val/*`, the progress
+bar); the log line gives the evaluation's cost as a fraction of the training time since
+the previous one. With `train.best_metric` set, that step is also checkpointed with its
+val metrics, and the best step by that metric (`train.best_mode` min | max) is kept
+beside the newest `keep_checkpoints`. Resuming always continues from the newest step.
 
 Config fields used: `model` (through the task), `optim`, `mesh` (data, fsdp,
 tensor, rules), `data` (dir, batch_size = global, seed, worker_count), `train`
 (steps, seed, log_every, checkpoint_every, keep_checkpoints, optional
-distributed = auto|on|off).
+distributed = auto|on|off, eval_every (0: off), eval_exams, best_metric, best_mode).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from whmae.train.step import (
     init_train_state,
     make_train_step,
 )
+from whmae.train.validation import Evaluator, Validation
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,8 @@ class Task:
     model_fn(rngs) -> nnx.Module; loss_fn(model, batch, key) -> (loss, aux scalars);
     fields: exam fields the batches carry (see `whmae.layout`);
     init_params(state) -> state: applied once to a fresh (not resumed) state, e.g. to
-    load a pretrained encoder.
+    load a pretrained encoder;
+    validation: what the task measures on the val split (None: no validation).
     """
 
     name: str
@@ -63,6 +74,7 @@ class Task:
     loss_fn: Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
     fields: tuple[str, ...]
     init_params: Callable[[TrainState], TrainState] | None = None
+    validation: Validation | None = None
 
 
 class _LibraryInfoFilter(logging.Filter):
@@ -113,7 +125,8 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
     """Train `task` as `config` says in `workdir`; returns a summary dict.
 
     Summary: start_step, step (last completed), preempted, final_loss, last_checkpoint,
-    compile_s, train_s, exams_per_s.
+    compile_s, train_s, exams_per_s, val (the newest val metrics, with their step;
+    None when no evaluation ran), eval_s (seconds spent evaluating), best_step.
     `distributed_mode` (auto|on|off) overrides `config.train.distributed`.
     Raises FloatingPointError on a non-finite loss or gradient norm, naming the step;
     the newest checkpoint is then the last step saved before it.
@@ -142,11 +155,16 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
         worker_count=int(config.data.get("worker_count", 0)),
     )
 
+    best_metric = config.train.get("best_metric", None) or None
+    best_mode = str(config.train.get("best_mode", "min"))
     checkpointer = Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
         save_every=checkpoint_every,
         keep=config.train.get("keep_checkpoints", None),
+        best_metric=best_metric,
+        best_mode=best_mode,
     )
+    # Always the newest step: the best one is for evaluation and inference.
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         graphdef, target, state_shardings = abstract_state(
@@ -172,6 +190,13 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
     step_fn = make_train_step(
         graphdef, task.loss_fn, tx, mesh, state_shardings, batch_shardings, schedule
     )
+    evaluator = Evaluator(config, task, mesh, graphdef, state_shardings)
+    if best_metric and not evaluator.enabled:
+        log.warning(
+            "train.best_metric=%s but no validation runs (train.eval_every=%s, task %s): "
+            "no step is ranked, the best checkpoint is the newest",
+            best_metric, config.train.get("eval_every"), task.name,
+        )  # fmt: skip
     key = jax.random.key(int(config.train.seed))
     config_json = _config_json(config)
     summary = {
@@ -183,6 +208,9 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
         "compile_s": 0.0,
         "train_s": 0.0,
         "exams_per_s": 0.0,
+        "val": None,
+        "eval_s": 0.0,
+        "best_step": None,
     }
     # Metrics stay on device until a log/save boundary, so steps dispatch back to back.
     pending: list[tuple[int, dict]] = []
@@ -227,10 +255,33 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
         dynamic_ncols=True,
         smoothing=0.1,
     )
+    postfix: dict[str, str] = {}
+
+    def evaluate(step: int, since_s: float) -> dict:
+        """Run validation on `state`, write its row, log its cost; the val metrics."""
+        start = time.perf_counter()
+        metrics = evaluator(state)
+        eval_s = time.perf_counter() - start
+        fraction = eval_s / since_s if since_s > 0 else math.nan
+        writer.write(step, {**metrics, "eval_s": eval_s, "eval_fraction": fraction}, "val")
+        summary["val"] = {"step": step, **metrics}
+        summary["eval_s"] += eval_s
+        shown = best_metric if best_metric in metrics else next(iter(metrics), None)
+        if shown is not None:
+            postfix[f"val_{shown}"] = f"{metrics[shown]:.4g}"
+        log.info(
+            "val step %d: %s; eval %.2f s = %.1f%% of the %.2f s of training since the "
+            "previous evaluation (%d exams)",
+            step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), eval_s,
+            100 * fraction, since_s, evaluator.num_exams,
+        )  # fmt: skip
+        return metrics
+
     try:
         step = start_step
         train_start = time.perf_counter()
         interval_start, interval_steps = train_start, 0
+        eval_since = train_start
         while step < total_steps:
             host_batch = next(data_iter)
             batch = global_batch(
@@ -246,8 +297,14 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
                 summary["compile_s"] = time.perf_counter() - train_start
             preempted = watcher.reached(step)
             boundary_log = step % log_every == 0 or step == total_steps
-            boundary_save = step % checkpoint_every == 0 or step == total_steps or preempted
-            if boundary_log or boundary_save:
+            boundary_eval = evaluator.due(step)
+            boundary_save = (
+                step % checkpoint_every == 0
+                or step == total_steps
+                or preempted
+                or (boundary_eval and best_metric is not None)
+            )
+            if boundary_log or boundary_save or boundary_eval:
                 jax.block_until_ready(metrics)
                 now = time.perf_counter()
                 row = flush(
@@ -255,9 +312,20 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
                 )
                 interval_start, interval_steps = now, 0
                 if row is not None and boundary_log:
-                    progress.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
+                    postfix["loss"] = f"{row['loss']:.4g}"
+            val_metrics = None
+            if boundary_eval:
+                start = time.perf_counter()
+                val_metrics = evaluate(step, start - eval_since)
+                eval_since = time.perf_counter()
+                # Evaluation time is not training time: keep it out of step_time_s.
+                interval_start += eval_since - start
+            if postfix:
+                progress.set_postfix(postfix, refresh=False)
             if boundary_save:
-                checkpointer.save(step, state, data_iter, config_json, force=True)
+                checkpointer.save(
+                    step, state, data_iter, config_json, force=True, metrics=val_metrics
+                )
                 summary["last_checkpoint"] = step
             progress.update(1)
             summary["step"] = step
@@ -265,11 +333,13 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
                 summary["preempted"] = True
                 log.warning("preempted: saved step %d, exiting", step)
                 break
-        train_s = time.perf_counter() - train_start - summary["compile_s"]
+        train_s = time.perf_counter() - train_start - summary["compile_s"] - summary["eval_s"]
         timed_steps = summary["step"] - start_step - 1
         summary["train_s"] = train_s
         if timed_steps > 0 and train_s > 0:
             summary["exams_per_s"] = timed_steps * global_batch_size / train_s
+        checkpointer.wait_until_finished()
+        summary["best_step"] = checkpointer.best_step()
     finally:
         progress.close()
         writer.close()

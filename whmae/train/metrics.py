@@ -2,11 +2,17 @@
 
 Process 0 writes `workdir/metrics.jsonl` and TensorBoard event files under
 `workdir/tensorboard/` (tensorboardX's record format: no TensorFlow). Every line holds
+`step` (int) and `split` ("train" or "val"; rows of runs from before validation have
+no `split` and are train rows). A train row holds
 
-  step, loss, lr, grad_norm, step_time_s, exams_per_s
+  step, split, loss, lr, grad_norm, step_time_s, exams_per_s
 
-(floats, step an int) plus whatever auxiliary scalars the train step returns
-(e.g. `masked_loss`). Other processes write nothing. A restarted run appends to
+(floats) plus whatever auxiliary scalars the train step returns (e.g. `masked_loss`);
+a val row (`whmae.train.validation`, every `train.eval_every` steps) holds the task's
+validation metrics plus `eval_s` (seconds the evaluation took) and `eval_fraction`
+(eval_s over the training time since the previous evaluation). TensorBoard tags are
+`<split>/<name>`, so val curves sit next to the training ones. Other processes write
+nothing. A restarted run appends to
 the same files, so the history of a preempted run stays in one place; rows of steps
 the restarted run redoes (those after its checkpoint) are dropped first, so each step
 appears once.
@@ -127,15 +133,17 @@ class MetricsWriter:
         )
         return events
 
-    def write(self, step: int, metrics: Mapping[str, object]) -> dict:
-        """Record the scalars of `metrics` at `step`; returns the row as written."""
-        row = {"step": int(step)}
+    def write(self, step: int, metrics: Mapping[str, object], split: str = "train") -> dict:
+        """Record the scalars of `metrics` at `step` as a `split` row; returns the row as
+        written."""
+        row = {"step": int(step), "split": str(split)}
         row.update({name: _scalar(name, value) for name, value in metrics.items()})
         if not self.enabled:
             return row
         # JSON has no NaN/inf; write them as strings so the line stays parseable.
         serialisable = {
-            k: (v if isinstance(v, int) or math.isfinite(v) else repr(v)) for k, v in row.items()
+            k: (v if isinstance(v, int | str) or math.isfinite(v) else repr(v))
+            for k, v in row.items()
         }
         target = self.path
         try:
@@ -167,12 +175,12 @@ class MetricsWriter:
 
         wall_time = time.time()
         for name, value in row.items():
-            if name != "step":
+            if name not in ("step", "split"):
                 self._events.write_event(
                     Event(
                         wall_time=wall_time,
                         step=row["step"],
-                        summary=scalar(f"train/{name}", value),
+                        summary=scalar(f"{row['split']}/{name}", value),
                     )
                 )
         self._events.flush()
@@ -206,12 +214,19 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All complete rows of workdir/metrics.jsonl, in file order (empty if absent)."""
+def row_split(row: Mapping) -> str:
+    """The split of a metrics.jsonl row ("train" for rows written before splits existed)."""
+    return str(row.get("split", "train"))
+
+
+def read_metrics(workdir: str, split: str | None = "train") -> list[dict]:
+    """The complete rows of workdir/metrics.jsonl of `split` ("train", "val"; None: all),
+    in file order (empty if absent)."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         lines, _ = _split_rows(f.read())
     # The text after the last newline may be a row still being written: skip it.
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [row for row in rows if split is None or row_split(row) == split]

@@ -127,6 +127,36 @@ def make_train_step(
     )
 
 
+EvalFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    eval_fn: EvalFn,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+) -> Callable[[TrainState, dict, jax.Array], dict[str, jax.Array]]:
+    """`eval_step(state, batch, key) -> values`, one jit, nothing donated.
+
+    `eval_fn(model, batch, key)` returns per-exam values (leading dim B, the batch split
+    over the mesh like the train step's); they come back replicated (gathered over the
+    devices and processes: small), so every process can read them.
+    """
+
+    def eval_step(params: nnx.State, rest: nnx.State, batch: dict, key: jax.Array):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return eval_fn(model, batch, key)
+
+    scalar = replicated(mesh)
+    step = jax.jit(
+        eval_step,
+        in_shardings=(state_shardings.params, state_shardings.rest, batch_shardings, scalar),
+        out_shardings=scalar,
+    )
+    return lambda state, batch, key: step(state.params, state.rest, batch, key)
+
+
 def pretrain_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array):
     """MAE loss on `images` uint8 [B, 9, T, H, W] (scaled to [0, 1] here, on device) and
     `plane_mask` bool [B, 9]; aux holds the model's other scalar outputs."""
