@@ -17,8 +17,12 @@ fit (total <= 90 % of HBM); the largest per-replica batch that fits (doubling, t
 bisection, up to --max-batch; "per replica" = per data x fsdp shard, i.e. per chip unless
 the layout has a tensor axis); compiled FLOPs per chip (`cost_analysis`) against the
 analytic count (`whmae.model.mae.flops_per_exam`, x 3 for forward + backward); result
-bytes of the collectives in the compiled HLO (a loop body counted once); compile time.
+bytes of the collectives in the compiled HLO (a loop body counted once); compile time;
+MXU padding waste (`mxu_padding`: the share of matmul FLOPs spent on zero padding when
+every feature dim (width, head dim, MLP, patch) is rounded up to a multiple of 128, the
+MXU tile; computed from the config, not the compiler).
 Results: OUT/tpu_compile.json and OUT/tpu_compile.md, written after every row.
+`--padding` prints the MXU padding table of --configs and exits (no libtpu needed).
 
 Environment: JAX_PLATFORMS=cpu keeps the CPU as the default backend (libtpu is only
 used as a compiler); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several processes load libtpu
@@ -60,6 +64,7 @@ from whmae.train.step import (  # noqa: E402
 
 GIB = 2**30
 HEADROOM = 0.9
+MXU = 128  # systolic array side of TPU v5e/v5p (v6e: 256); matmul dims pad to its multiples
 FIELDS = ("images", "plane_mask")
 # name: (topology name for libtpu, HBM bytes per chip). v5p-128 is 64 chips (128 cores).
 TOPOLOGIES = {
@@ -71,9 +76,10 @@ TOPOLOGIES = {
 # name: (config variant, model overrides).
 CONFIGS = {
     "paper": ("paper", {}),
+    # base: widths 1024 / 512, head dims 128 / 64 (posembed view_sincos, no flag column).
     "base": ("base", {}),
-    # ~3.6x base's parameters: 24 encoder blocks instead of 6 at the same widths (the
-    # 1 + 4k widths of the positional embedding leave no wider width with sane heads).
+    # ~3.4x base's parameters: 24 encoder blocks instead of 6 (a ViT-L encoder); wider
+    # widths with 128-dims heads and head counts divisible by 8 would jump to 2048.
     "base-x4": ("base", {"depth": 24}),
     "tiny": ("tiny", {}),
     # The CI test's model: tiny's token grid with most parameters in the MLP dims, which
@@ -87,6 +93,20 @@ CONFIGS = {
             mlp_dim=16384,
             decoder_width=257,
             decoder_num_heads=1,
+            decoder_mlp_dim=16384,
+            gelu_approximate=True,
+        ),
+    ),
+    # tiny-wide with matrix-unit shapes (view_sincos): widths 256, head dim 128.
+    "tiny-base": (
+        "tiny",
+        dict(
+            posembed="view_sincos",
+            width=256,
+            num_heads=2,
+            mlp_dim=16384,
+            decoder_width=256,
+            decoder_num_heads=2,
             decoder_mlp_dim=16384,
             gelu_approximate=True,
         ),
@@ -147,6 +167,77 @@ def collective_bytes(hlo: str) -> dict[str, int]:
         if kind in out and not op.endswith("-start"):
             out[kind] += _shape_bytes(shape)
     return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def mxu_padding(c: MAEConfig, multiple: int = MXU) -> dict:
+    """Feature dims of the model's matmuls, each rounded up to `multiple`, and `waste`:
+    1 - analytic FLOPs / FLOPs of the padded matmuls (`flops_per_exam`'s count with
+    every width, head dim, MLP dim and the patch dim padded; sequence lengths are left
+    as they are, the same for every config of a grid)."""
+    dims = dict(
+        width=c.width,
+        head_dim=c.width // c.num_heads,
+        mlp_dim=c.mlp_dim,
+        decoder_width=c.decoder_width,
+        decoder_head_dim=c.decoder_width // c.decoder_num_heads,
+        decoder_mlp_dim=c.decoder_mlp_dim,
+        patch_dim=c.patch_dim,
+    )
+
+    def flops(r) -> float:
+        d, hd, m, dd, dhd, dm, p = (r(v) for v in dims.values())
+        h, dh = c.num_heads, c.decoder_num_heads
+
+        def block(length, width, heads, head_dim, mlp):
+            inner = heads * head_dim
+            dense = 2 * length * (width * 3 * inner + inner * width + 2 * width * mlp)
+            return dense + 2 * 2 * length * length * inner
+
+        n, k = c.num_tokens, c.num_kept
+        encoder = 2 * k * p * d + c.depth * block(1 + k, d, h, hd, m)
+        decoder = (
+            2 * (1 + k) * d * dd + c.decoder_depth * block(1 + n, dd, dh, dhd, dm) + 2 * n * dd * p
+        )
+        return float(encoder + decoder)
+
+    actual = flops(lambda v: v)
+    assert math.isclose(actual, flops_per_exam(c), rel_tol=1e-9), (actual, flops_per_exam(c))
+    padded = flops(lambda v: _round_up(v, multiple))
+    return dict(
+        multiple=multiple,
+        dims={k: [v, _round_up(v, multiple)] for k, v in dims.items()},
+        waste=1.0 - actual / padded,
+    )
+
+
+def padding_markdown(config_names: list[str]) -> str:
+    lines = [
+        f"MXU padding (feature dims rounded up to multiples of {MXU}; waste = share of the "
+        "padded matmul FLOPs that is zero padding):",
+        "",
+        "| config | posembed | width | head dim | MLP | decoder width | decoder head dim "
+        "| decoder MLP | patch | waste % |",
+        "|---|---|---|---|---|---|---|---|---|---:|",
+    ]
+    for name in config_names:
+        c = model_config_of(name)
+        pad = mxu_padding(c)
+        cells = [f"{v}" if v == r else f"{v} -> {r}" for v, r in pad["dims"].values()]
+        lines.append(
+            f"| {name} | {c.posembed} | " + " | ".join(cells) + f" | {100 * pad['waste']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def model_config_of(config_name: str) -> MAEConfig:
+    variant, overrides = CONFIGS[config_name]
+    config = load_config(variant)
+    config.model.update(overrides)
+    return MAEConfig(**config.model.to_dict())
 
 
 def compile_step(
@@ -216,6 +307,7 @@ def compile_step(
         flops_per_chip=float(cost.get("flops", float("nan"))),
         analytic_flops_per_chip=analytic,
         compile_s=round(compile_s, 2),
+        mxu_pad_waste=mxu_padding(c)["waste"],
     )
     row["compiled_over_analytic"] = row["flops_per_chip"] / analytic
     if hlo:
@@ -263,8 +355,8 @@ def markdown(result: dict) -> str:
         "",
         "| topology | config | params (M) | layout | mesh (d,f,t) | params+opt GiB | args GiB "
         "| out GiB | temp GiB | alias GiB | total GiB | HBM GiB | fits | max batch "
-        "| TFLOP/chip | vs analytic | collectives GiB | compile s |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| TFLOP/chip | vs analytic | collectives GiB | compile s | MXU pad % |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if "error" in r:
@@ -281,9 +373,10 @@ def markdown(result: dict) -> str:
             f"| {r['total_bytes'] / GIB:.2f} | {r['hbm_bytes'] / GIB:.0f} "
             f"| {'yes' if r['fits'] else 'no'} | {r.get('max_batch', '')} "
             f"| {r['flops_per_chip'] / 1e12:.3f} | {r['compiled_over_analytic']:.3f} "
-            f"| {coll / GIB:.2f} | {r['compile_s']:.1f} |"
+            f"| {coll / GIB:.2f} | {r['compile_s']:.1f} | {100 * r['mxu_pad_waste']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    configs = list(dict.fromkeys(r["config"] for r in result["rows"]))
+    return "\n".join(lines) + "\n\n" + padding_markdown(configs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -298,7 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="v5e-256, paper and base, dp and fsdp, no search"
     )
     parser.add_argument("--no-search", action="store_true", help="skip the max-batch search")
+    parser.add_argument(
+        "--padding", action="store_true", help="print the MXU padding table of --configs, exit"
+    )
     args = parser.parse_args(argv)
+    if args.padding:
+        print(padding_markdown(args.configs.split(",")))
+        return {"padding": {n: mxu_padding(model_config_of(n)) for n in args.configs.split(",")}}
     if args.quick:
         args.topologies, args.configs, args.layouts = "v5e-256", "paper,base", "dp,fsdp"
         args.no_search = True

@@ -71,14 +71,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = _model(MAEConfig())
         c.mesh.rules = "dp"
     elif variant == "base":
-        # Widths stay 1 + 4k (positional embedding), hence odd: only the MLP dims can
-        # shard, so they are multiples of 8 (the reference 4100 splits at most 4 ways).
+        # Matrix-unit shaped (whmae.model.posembed "view_sincos": the axis is the sign of
+        # the plane block, no flag column): widths 1024 / 512, head dim 128 (8 / 4 heads),
+        # MLP 4096 / 2048: multiples of 128, every weight splits 8 ways under FSDP; the
+        # decoder's 4 heads split at most 4 ways under tensor parallelism (8 heads of 64
+        # would pad to 128 on the MXU: ~28 % of the FLOPs). Not the reference's weights.
         c.model = _model(
             MAEConfig(
+                posembed="view_sincos",
+                width=1024,
+                num_heads=8,
                 mlp_dim=4096,
-                decoder_width=513,
+                decoder_width=512,
                 decoder_depth=4,
-                decoder_num_heads=9,
+                decoder_num_heads=4,
                 decoder_mlp_dim=2048,
                 loss_on="masked",
                 norm_pix_loss=True,

@@ -1,6 +1,9 @@
 """The MAE against a plain reference formulation, absent planes, loss variants and gradients."""
 
 import dataclasses
+import importlib.util
+import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +107,7 @@ def reference_exam(model, images, plane_available, ids_shuffle, num_kept):
     over everything, unshuffle, add pos-embed, attend over all available tokens."""
     c, p = model.config, params_of(model)
     patches = np.asarray(patchify(images[None], c.patch_size)[0], np.float64)
-    pos = positional_embedding(c.width, c.planes, c.grid[1:])
+    pos = positional_embedding(c.width, c.planes, c.grid[1:], c.posembed)
     x = patches @ p["patch_embed"]["kernel"] + p["patch_embed"]["bias"] + pos[1:]
     kept = np.asarray(ids_shuffle[:num_kept])
     x = np.concatenate([p["cls_token"][0] + pos[:1], x[kept]])
@@ -115,7 +118,7 @@ def reference_exam(model, images, plane_available, ids_shuffle, num_kept):
     full = np.tile(p["mask_token"][0], (c.num_tokens, 1))
     full[kept] = y[1:]
     available = np.flatnonzero(np.repeat(np.asarray(plane_available), c.tokens_per_plane))
-    dec_pos = positional_embedding(c.decoder_width, c.planes, c.grid[1:])
+    dec_pos = positional_embedding(c.decoder_width, c.planes, c.grid[1:], c.posembed)
     x = np.concatenate([y[:1] + dec_pos[:1], full[available] + dec_pos[1:][available]])
     for i in range(c.decoder_depth):
         x = ref_block(x, p["decoder_blocks"][i], c.decoder_num_heads)
@@ -301,6 +304,16 @@ def test_parameter_layout_and_init(model):
 def test_config_validation():
     with pytest.raises(ValueError, match="1 \\+ 4"):
         MAEConfig(width=1024, num_heads=4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        MAEConfig(posembed="view_sincos")  # the reference's 1025
+    with pytest.raises(ValueError, match="decoder_width=516 .* multiple of 8"):
+        MAEConfig(posembed="view_sincos", width=1024, num_heads=8, decoder_width=516)
+    with pytest.raises(ValueError, match="posembed must be one of"):
+        MAEConfig(posembed="learned")
+    matrix = MAEConfig(
+        posembed="view_sincos", width=1024, num_heads=8, decoder_width=512, decoder_num_heads=8
+    )
+    assert matrix.width == 1024 and MAEConfig().posembed == "flag_sincos"
     with pytest.raises(ValueError, match="heads"):
         MAEConfig(num_heads=4)
     with pytest.raises(ValueError, match="frames"):
@@ -335,3 +348,148 @@ def test_short_axis_only_model_ignores_long_axis_planes(batch):
     np.testing.assert_array_equal(mean2, mean)
     cls3, _ = run(images.at[:, 3].set(0.0), all_present)
     assert float(jnp.abs(cls3 - cls).max()) > 1e-4
+
+
+# ------------------------------------- view_sincos: matrix-shaped widths (the base model)
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny model shaped like `base`: view_sincos positional embedding, widths multiples of 8.
+TINY_VIEW = dict(
+    posembed="view_sincos",
+    width=32,
+    num_heads=4,
+    mlp_dim=128,
+    decoder_width=16,
+    decoder_num_heads=2,
+    decoder_mlp_dim=64,
+)
+
+
+def pretrain_model_config(variant: str) -> MAEConfig:
+    spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs/pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return MAEConfig(**module.get_config(variant).model.to_dict())
+
+
+def test_view_sincos_model_matches_reference_formulation(batch):
+    """The selected positional embedding reaches both encoder and decoder."""
+    model = make_model(**TINY_VIEW)
+    images, plane_mask = batch
+    out, _ = jitted(model, forward_and_encode)(images, plane_mask, jax.random.key(2))
+    for b in range(2):
+        pred, _, available = reference_exam(
+            model, images[b], plane_mask[b], out["ids_shuffle"][b], int(out["num_kept"][b])
+        )
+        np.testing.assert_allclose(out["pred"][b, available], pred, atol=2e-5)
+
+
+def test_view_sincos_tiny_model_trains_with_the_train_step():
+    """A few steps of the real train step (AdamW, warmup, clipping) on phantom exams lower
+    the reconstruction loss of the tiny matrix-shaped model."""
+    import ml_collections
+
+    from whmae.data.phantom import PhantomConfig, make_exam
+    from whmae.train.mesh import logical_rules, make_mesh
+    from whmae.train.optim import make_optimizer
+    from whmae.train.step import (
+        batch_shardings_for,
+        init_train_state,
+        make_train_step,
+        pretrain_loss,
+    )
+
+    config = dataclasses.replace(CONFIG, **TINY_VIEW)
+    steps = 20
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    optim = dict(name="adamw", lr=3e-3, warmup_steps=2, weight_decay=0.05, clip_norm=1.0)
+    tx, schedule = make_optimizer(ml_collections.ConfigDict(optim), steps)
+    graphdef, state, shardings = init_train_state(
+        lambda rngs: MaskedAutoencoder(config, rngs=rngs), tx, mesh, logical_rules("dp"), 0
+    )
+    fields = ("images", "plane_mask")
+    step = make_train_step(
+        graphdef, pretrain_loss, tx, mesh, shardings, batch_shardings_for(mesh, fields), schedule
+    )
+    exams = [make_exam(PhantomConfig(size=32, frames=10), i) for i in range(4)]
+    batch = {k: jnp.asarray(np.stack([e[k] for e in exams])) for k in fields}
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+
+
+def _shard_check(config: MAEConfig, rules_name: str, fsdp: int, tensor: int):
+    """(misfits, weights, per-chip weights, sharded dims) of `config`'s abstract model on
+    a mesh (data 1, fsdp, tensor) under the preset `rules_name`; misfits: dims a rule
+    wanted on a mesh axis they do not divide (left replicated over it)."""
+    from jax.sharding import AbstractMesh
+
+    from whmae.train.mesh import MESH_AXES, logical_rules, logical_to_spec
+
+    mesh = AbstractMesh((1, fsdp, tensor), MESH_AXES)
+    rules = logical_rules(rules_name)
+    abstract = nnx.eval_shape(lambda: MaskedAutoencoder(config, rngs=nnx.Rngs(0)))
+    misfits, sharded, total, per_chip = [], [], 0, 0
+    variables = jax.tree_util.tree_leaves_with_path(
+        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for path, var in variables:
+        shape = tuple(var.get_value().shape)
+        names = tuple(var.get_metadata()["out_sharding"])
+        spec, misfit = logical_to_spec(names, shape, mesh, rules)
+        misfits += [(jax.tree_util.keystr(path), *m) for m in misfit]
+        split = 1
+        for size, entry in zip(shape, spec, strict=False):
+            axes = (entry,) if isinstance(entry, str) else entry or ()
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if parts > 1:
+                sharded.append((jax.tree_util.keystr(path), size, parts))
+            split *= parts
+        total += math.prod(shape)
+        per_chip += math.prod(shape) // split
+    return misfits, total, per_chip, sharded
+
+
+def test_base_config_is_matrix_shaped():
+    base = pretrain_model_config("base")
+    assert base.posembed == "view_sincos"
+    assert (base.width, base.decoder_width) == (1024, 512)
+    for width, heads, mlp in (
+        (base.width, base.num_heads, base.mlp_dim),
+        (base.decoder_width, base.decoder_num_heads, base.decoder_mlp_dim),
+    ):
+        assert width % 128 == 0 and mlp % 128 == 0
+        assert width // heads in (64, 128)
+    paper = pretrain_model_config("paper")
+    assert paper == MAEConfig() and paper.posembed == "flag_sincos"
+
+
+@pytest.mark.parametrize(
+    "rules, fsdp, tensor", [("fsdp", 8, 1), ("fsdp_tp", 8, 4), ("fsdp_tp", 8, 8), ("tp", 1, 4)]
+)
+def test_base_weights_split_evenly(rules, fsdp, tensor):
+    """Built abstractly (nnx.eval_shape): no rule falls back to replication, every
+    sharded dim divides by 8 (or by the tensor axis), and under FSDP-8 every weight is
+    split 8 ways. The one exception, by design: the decoder's 4 heads (head dim 128)
+    cannot split over tensor = 8 (fsdp_tp 8 x 8 misfits exactly those)."""
+    misfits, total, per_chip, sharded = _shard_check(
+        pretrain_model_config("base"), rules, fsdp, tensor
+    )
+    if tensor == 8:
+        assert misfits and all(
+            "decoder_blocks" in path and name == "heads" and size == 4
+            for path, name, size, _ in misfits
+        ), misfits
+    else:
+        assert not misfits, misfits
+    for path, size, parts in sharded:
+        assert size % parts == 0 and (size % 8 == 0 or ("decoder_blocks" in path and size == 4))
+    if rules == "fsdp":
+        assert per_chip * fsdp == total
+    # The reference widths (1025, 5 heads of 205, MLP 4100) cannot: the check has teeth.
+    paper_misfits, paper_total, paper_per_chip, _ = _shard_check(MAEConfig(), rules, fsdp, tensor)
+    assert paper_misfits
+    if rules == "fsdp":
+        assert paper_per_chip * fsdp > paper_total

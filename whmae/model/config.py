@@ -4,6 +4,10 @@ The defaults are the reference (`paper`) model: 9 planes of [T=50, 128, 128],
 patches (25, 8, 8) -> grid (9, 2, 16, 16) = 4608 tokens of P = 1600 values,
 encoder D = 1025 (1 + 4 x 256, see `whmae.model.posembed`), 6 blocks, 5 heads,
 decoder 2 blocks at the same width, mask ratio 0.7.
+
+Widths: with the default posembed="flag_sincos" (the reference's) both widths must be
+1 + 4k with k even; posembed="view_sincos" takes any multiple of 8 (1024, 512), so
+widths, head dims and MLP dims can be matrix-unit shaped (`whmae.model.posembed`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import math
 
 from whmae.layout import NUM_PLANES
+from whmae.model.posembed import POSEMBEDS, check_width
 
 LOSS_ON = ("all", "masked")
 DTYPES = ("float32", "bfloat16")
@@ -30,6 +35,9 @@ class MAEConfig:
       a sigmoid (reference) and the targets are the [0, 1] pixels.
     dtype: compute dtype of activations and matmuls; parameters are always float32,
       and LayerNorm statistics, softmax and the loss are float32.
+    posembed: the fixed positional embedding, one of `whmae.model.posembed.POSEMBEDS`:
+      "flag_sincos" = reference (axis-flag column, widths 1 + 4k, weight-compatible);
+      "view_sincos" = axis carried by the plane block's sign, widths any multiple of 8.
     attention_impl: `implementation=` of `jax.nn.dot_product_attention`; with "cudnn"
       the head dim is zero-padded to a multiple of 8 inside attention (205 -> 208, same
       result), as cuDNN fused attention requires (bf16/fp16 only, head dim <= 256 on H100).
@@ -55,6 +63,7 @@ class MAEConfig:
     dtype: str = "float32"
     remat: bool = False
     attention_impl: str | None = None
+    posembed: str = "flag_sincos"
 
     def __post_init__(self):
         # Configs from ml_collections hand over lists; the dataclass must stay hashable.
@@ -79,16 +88,18 @@ class MAEConfig:
             fail(f"planes must be distinct and increasing, got {self.planes}")
         if self.planes[0] < 0 or self.planes[-1] >= NUM_PLANES:
             fail(f"planes must lie in 0..{NUM_PLANES - 1}, got {self.planes}")
+        if self.posembed not in POSEMBEDS:
+            fail(f"posembed must be one of {POSEMBEDS}, got {self.posembed!r}")
         for name, width, heads in (
             ("width", self.width, self.num_heads),
             ("decoder_width", self.decoder_width, self.decoder_num_heads),
         ):
-            # Positional embedding: 1 flag column + 4 sin-cos blocks of even width.
-            if width < 9 or (width - 1) % 8:
-                fail(
-                    f"{name}={width} must be 1 + 4 * k with k even (the positional embedding is "
-                    f"[axis flag | plane | t | h | w], 4 sin-cos blocks), e.g. 33, 65, 1025"
-                )
+            # flag_sincos: 1 flag column + 4 sin-cos blocks of even width (1 + 4k, k even);
+            # view_sincos: 4 sin-cos blocks of even width (a multiple of 8).
+            try:
+                check_width(width, self.posembed)
+            except ValueError as e:
+                fail(f"{name}={width} with posembed={self.posembed!r}: {e}")
             if heads < 1 or width % heads:
                 fail(f"{name}={width} is not divisible by its {heads} heads")
         for name in ("depth", "mlp_dim", "decoder_depth", "decoder_mlp_dim"):

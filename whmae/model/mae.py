@@ -12,7 +12,8 @@ the block layout). `<- torch` says which reference state_dict entry maps onto it
   mask_token         [1, 1, D_dec] (None, None, "embed")        <- mask_token
   decoder_blocks[i]  (as the encoder's)          <- decoder.network.{i}
   decoder_norm       <- decoder.norm;  recon_head [D_dec, P] ("embed", "patch") <- recon_head
-  (enc_pos_embed / dec_pos_embed are fixed constants here, `whmae.model.posembed`.)
+  (enc_pos_embed / dec_pos_embed are fixed constants here, `whmae.model.posembed`,
+  of the kind config.posembed: "flag_sincos" is the reference's.)
 
 Forward, per exam (fixed shapes, so one jit serves any pattern of absent planes):
   1. select config.planes, patchify to N tokens of P values, (S, t, h, w) order;
@@ -62,8 +63,10 @@ NORM_PIX_EPS = 1e-6  # MAE paper's per-patch normalisation epsilon
 
 
 @functools.lru_cache(maxsize=8)
-def _pos_embed(width: int, planes: tuple[int, ...], grid_thw: tuple[int, int, int]) -> np.ndarray:
-    return positional_embedding(width, planes, grid_thw)
+def _pos_embed(
+    width: int, planes: tuple[int, ...], grid_thw: tuple[int, int, int], kind: str
+) -> np.ndarray:
+    return positional_embedding(width, planes, grid_thw, kind)
 
 
 def normalize_patches(patches: jnp.ndarray) -> jnp.ndarray:
@@ -165,7 +168,7 @@ class MaskedAutoencoder(nnx.Module):
             plane_available.sum(axis=1), c.tokens_per_plane, c.num_planes, mask_ratio
         )
 
-        pos = jnp.asarray(_pos_embed(c.width, c.planes, c.grid[1:]))  # [1 + N, D]
+        pos = jnp.asarray(_pos_embed(c.width, c.planes, c.grid[1:], c.posembed))  # [1 + N, D]
         kept_ids = ids[:, :num_kept_static]
         # Embedding only the kept patches equals embedding all, then gathering.
         x = self.patch_embed(gather_tokens(patches, kept_ids))
@@ -201,7 +204,7 @@ class MaskedAutoencoder(nnx.Module):
         )
         is_encoded = jnp.arange(n)[None, :] < encoded["num_kept"][:, None]
         slots = jnp.where(is_encoded[..., None], slots, mask_token)
-        pos = jnp.asarray(_pos_embed(c.decoder_width, c.planes, c.grid[1:]))
+        pos = jnp.asarray(_pos_embed(c.decoder_width, c.planes, c.grid[1:], c.posembed))
         slots = slots + jnp.take(pos[1:], ids, axis=0).astype(dtype)
         x = jnp.concatenate([y[:, :1] + pos[0].astype(dtype), slots], axis=1)
         x, _ = apply_blocks(self.decoder_blocks, x, 1 + encoded["num_available"], remat=c.remat)
