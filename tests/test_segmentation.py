@@ -251,6 +251,30 @@ def test_unlabelled_and_absent_planes_do_not_change_the_loss():
     assert abs(_loss(logits, labelled, weight) - base) > 1e-4
 
 
+def test_loss_equals_the_dice_ce_formula_written_out_in_numpy():
+    """CE over included voxels whose label their plane can hold, + 1 - mean soft Dice per
+    foreground class over the planes that can hold it (module docstring), in float64."""
+    allowed = np.array([[c in PLANE_CLASSES[p] for c in range(NUM_CLASSES)]
+                        for p in range(NUM_PLANES)])  # fmt: skip
+    logits, labels, weight = _loss_case(3)  # labels include classes a plane cannot hold
+    loss, aux = segmentation_loss_values(jnp.asarray(logits), jnp.asarray(labels), weight, allowed)
+    x = np.where(allowed[None, :, None, None, None], logits.astype(np.float64), -1e9)
+    log_p = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    log_p -= x.max(-1, keepdims=True)
+    onehot = np.eye(NUM_CLASSES)[labels] * allowed[None, :, None, None, None]
+    w = weight[:, :, None, None, None]
+    ce = -(onehot * log_p).sum(-1) * w
+    ce = ce.sum() / (weight.sum() * math.prod(labels.shape[2:]))
+    p = np.exp(log_p) * w[..., None] * allowed[None, :, None, None, None]
+    g = onehot * w[..., None]
+    axes = tuple(range(5))
+    dice = (2 * (p * g).sum(axes) + 1e-5) / (p.sum(axes) + g.sum(axes) + 1e-5)
+    mean_dice = dice[1:].mean()
+    assert float(aux["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(aux["dice"]) == pytest.approx(mean_dice, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + 1 - mean_dice, rel=1e-5)
+
+
 def test_dice_ce_is_minimal_for_a_perfect_prediction():
     _, labels, weight = _loss_case(1)
     perfect = 50.0 * np.eye(NUM_CLASSES, dtype=np.float32)[labels]
