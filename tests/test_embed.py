@@ -121,6 +121,19 @@ def test_absent_planes_option_masks_those_planes_for_every_exam(
         parse_planes("sa_9")
 
 
+def test_one_model_embeds_every_split_and_removal_with_one_compile(tiny_model, tiny_dataset):
+    """Robustness runs the same model ~20 times (planes removed, controls): the jitted
+    apply is cached by (graphdef, function, shapes), not recompiled per call."""
+    from whmae.model.io import apply_split
+
+    embed_dataset(tiny_model, tiny_dataset, ("test",), batch_size=4, progress=False)
+    compiled = apply_split._cache_size()
+    for removed in [(1,), (2, 5), ()]:
+        embed_dataset(tiny_model, tiny_dataset, ("val", "test"), batch_size=4,
+                      absent_planes=removed, progress=False)  # fmt: skip
+    assert apply_split._cache_size() == compiled
+
+
 def test_bad_inputs_fail_with_clear_messages(tiny_dataset, tmp_path, capsys):
     wrong = MaskedAutoencoder(tiny_config(image_size=16), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"images are \(9, 10, 32, 32\).*needs \(9, 10, 16, 16\)"):

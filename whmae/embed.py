@@ -47,7 +47,7 @@ from whmae.data.pipeline import make_pipeline, num_examples
 from whmae.data.splits import SPLITS
 from whmae.layout import NUM_PLANES, PLANE_NAMES
 from whmae.model.config import MAEConfig
-from whmae.model.io import load_config, load_model, resolve_checkpoint
+from whmae.model.io import apply_split, load_config, load_model, resolve_checkpoint
 from whmae.model.mae import MaskedAutoencoder, embeddings
 from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, checkpoint_step, parse_checkpoint_step
 from whmae.train.mesh import batch_sharding, make_mesh, replicated
@@ -104,13 +104,9 @@ def make_embed_fn(
     state = jax.device_put(state, replicated(mesh))
     data = batch_sharding(mesh)
 
-    @jax.jit
-    def embed(state, images, plane_mask):
-        return embeddings(nnx.merge(graphdef, state), images, plane_mask)
-
     def fn(images, plane_mask):
         images, plane_mask = jax.device_put((images, plane_mask), data)
-        return jax.device_get(embed(state, images, plane_mask))
+        return jax.device_get(apply_split(graphdef, embeddings, state, images, plane_mask))
 
     return fn
 

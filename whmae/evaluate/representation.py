@@ -255,10 +255,12 @@ def robustness(model, data_dir, split: str = "test", *, pairs: int = 10, seed: i
     between = {k: between_subject_distance(full[k], seed=seed) for k in EMBEDDINGS}
     predict, regression_entry, mae = None, None, None
     if regression is not None:
-        from whmae.tasks.predict import predict_phenotypes
+        from whmae.tasks.predict import finetuned_model, predict_phenotypes
+
+        regression_model, _ = finetuned_model(regression, "phenotype")  # loaded once
 
         def predict(absent=()):
-            return predict_phenotypes(regression, data_dir, split, absent_planes=absent)
+            return predict_phenotypes(regression_model, data_dir, split, absent_planes=absent)
 
         full_pred = predict()
         if not np.array_equal(np.asarray(full_pred["eid"]).astype(str), full["eid"]):

@@ -14,6 +14,7 @@ directory itself, or one step directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,17 @@ __all__ = [
     "resolve_checkpoint",
     "save_model",
 ]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fn"))
+def apply_split(graphdef: nnx.GraphDef, fn, state: nnx.State, *args):
+    """`fn(model, *args)` for the model `nnx.split` gave as (graphdef, state), jitted.
+
+    The one compiled cache for evaluations that run one model many times (every split,
+    every set of removed planes): keyed by graphdef, `fn` (a module-level function, so the
+    same object every call) and argument shapes, it compiles once per shape where a
+    `jax.jit` of a closure made per call compiled on every call."""
+    return fn(nnx.merge(graphdef, state), *args)
 
 
 def abstract_model(config: MAEConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

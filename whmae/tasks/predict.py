@@ -37,11 +37,17 @@ from tqdm.auto import tqdm
 from whmae.data.pipeline import make_pipeline, num_examples
 from whmae.embed import local_data_mesh
 from whmae.layout import NUM_PLANES
-from whmae.model.io import resolve_checkpoint
+from whmae.model.io import apply_split, resolve_checkpoint
 from whmae.train.checkpoint import checkpoint_step as resolve_step
 from whmae.train.mesh import batch_sharding, replicated
 
-__all__ = ["build_model", "load_finetuned", "predict_phenotypes", "predict_segmentation"]
+__all__ = [
+    "build_model",
+    "finetuned_model",
+    "load_finetuned",
+    "predict_phenotypes",
+    "predict_segmentation",
+]
 
 PHENOTYPE_FIELDS = ("eid", "images", "plane_mask", "phenotypes")
 SEGMENTATION_FIELDS = (
@@ -124,8 +130,9 @@ def load_finetuned(
     return str(config.task), model, config
 
 
-def _model(workdir_or_model, task: str, step: int | str | None = "best"):
-    """(model, checkpoint step it was read from; None for a model object)."""
+def finetuned_model(workdir_or_model, task: str, step: int | str | None = "best"):
+    """(the `task` model of a fine-tuning workdir at `step` (best | latest | N), the step it
+    was read from), or (the model given, None)."""
     if isinstance(workdir_or_model, nnx.Module):
         return workdir_or_model, None
     found, model, config = load_finetuned(workdir_or_model, step)
@@ -168,10 +175,6 @@ def _predict(
     dropped = np.zeros(NUM_PLANES, bool)
     dropped[list(absent_planes)] = True
 
-    @jax.jit
-    def run(state, images, plane_mask):
-        return apply(nnx.merge(graphdef, state), images, plane_mask)
-
     total = num_examples(data_dir, split)
     if total == 0:
         raise ValueError(f"{data_dir}: split {split!r} holds no exams")
@@ -193,9 +196,19 @@ def _predict(
                 raise ValueError(f"{data_dir}: exams {empty} have no acquired plane left")
             padded = _pad({k: batch[k] for k in ("eid", "images", "plane_mask")}, batch_size)
             inputs = jax.device_put((padded["images"], padded["plane_mask"]), data)
-            out = np.asarray(jax.device_get(run(state, *inputs)))[: len(batch["eid"])]
+            out = np.asarray(jax.device_get(apply_split(graphdef, apply, state, *inputs)))[
+                : len(batch["eid"])
+            ]
             bar.update(len(batch["eid"]))
             yield batch, out
+
+
+def _physical_phenotypes(model, images, plane_mask):
+    return model.to_physical(model(images, plane_mask))
+
+
+def _segmentation_classes(model, images, plane_mask):
+    return model(images, plane_mask).argmax(axis=-1).astype(np.uint8)
 
 
 def predict_phenotypes(
@@ -216,15 +229,19 @@ def predict_phenotypes(
     workdir (`load_finetuned`); the result's `checkpoint_step` says which it was.
     """
     del config
-    model, step = _model(workdir_or_model, "phenotype", checkpoint_step)
-
-    def apply(model, images, plane_mask):
-        return model.to_physical(model(images, plane_mask))
+    model, step = finetuned_model(workdir_or_model, "phenotype", checkpoint_step)
 
     rows = {"eid": [], "pred": [], "target": []}
     ids = np.asarray(model.column_ids)
     for batch, pred in _predict(
-        model, apply, data_dir, split, batch_size, PHENOTYPE_FIELDS, absent_planes, "phenotypes"
+        model,
+        _physical_phenotypes,
+        data_dir,
+        split,
+        batch_size,
+        PHENOTYPE_FIELDS,
+        absent_planes,
+        "phenotypes",
     ):
         rows["eid"].append(batch["eid"].astype(str))
         rows["pred"].append(pred.astype(np.float32))
@@ -249,19 +266,23 @@ def predict_segmentation(
     """Segmentations of every exam of `split` (see the module docstring);
     `checkpoint_step` as in `predict_phenotypes`."""
     del config
-    model, step = _model(workdir_or_model, "segmentation", checkpoint_step)
+    model, step = finetuned_model(workdir_or_model, "segmentation", checkpoint_step)
     planes = np.asarray(model.planes)
     segmented = np.zeros(NUM_PLANES, bool)
     segmented[planes] = True
-
-    def apply(model, images, plane_mask):
-        return model(images, plane_mask).argmax(axis=-1).astype(np.uint8)
 
     keep = ("eid", "labels", "label_mask", "plane_mask", "pixel_spacing", "slice_spacing",
             "frame_duration")  # fmt: skip
     rows = {k: [] for k in (*keep, "pred")}
     for batch, pred in _predict(
-        model, apply, data_dir, split, batch_size, SEGMENTATION_FIELDS, (), "segmentation"
+        model,
+        _segmentation_classes,
+        data_dir,
+        split,
+        batch_size,
+        SEGMENTATION_FIELDS,
+        (),
+        "segmentation",
     ):
         full = np.zeros(batch["labels"].shape, np.uint8)
         full[:, planes] = pred
