@@ -94,3 +94,26 @@ def test_given_order_moves_absent_tokens_last_keeping_the_rest():
 def test_no_key_means_identity_order():
     ids = shuffle_ids(jnp.ones((2, 7), bool))
     np.testing.assert_array_equal(ids, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+
+
+def test_drop_planes_removes_one_to_max_present_planes_and_keeps_one():
+    from whmae.model.masking import drop_planes
+
+    mask = np.ones((4000, 9), bool)
+    mask[:1000, 2:] = False  # 2 planes present: at most 1 may go
+    mask[1000:1500, 1:] = False  # 1 plane present: never dropped
+    out = np.asarray(drop_planes(jax.random.key(0), jnp.asarray(mask), 0.5, 2))
+    assert not (out & ~mask).any()  # only present planes are removed
+    removed = mask.sum(1) - out.sum(1)
+    assert out.sum(1).min() >= 1
+    assert set(removed[:1000]) == {0, 1} and set(removed[1000:1500]) == {0}
+    full = removed[1500:]
+    assert set(full) == {0, 1, 2}
+    # Half the exams keep every plane; the others lose 1 or 2 equally often.
+    assert abs(np.mean(full == 0) - 0.5) < 0.05 and abs(np.mean(full == 1) - 0.25) < 0.05
+    # Which planes go is uniform over the present ones (no plane is favoured).
+    per_plane = (mask[1500:] & ~out[1500:]).mean(0)
+    assert per_plane.max() - per_plane.min() < 0.05
+    # Rate 0 is the identity; a different key drops different planes.
+    assert (np.asarray(drop_planes(jax.random.key(0), jnp.asarray(mask), 0.0, 2)) == mask).all()
+    assert (np.asarray(drop_planes(jax.random.key(1), jnp.asarray(mask), 0.5, 2)) != out).any()

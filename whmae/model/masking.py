@@ -78,3 +78,22 @@ def gather_tokens(x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
 def restore_order(x_shuffled: jnp.ndarray, ids_shuffle: jnp.ndarray) -> jnp.ndarray:
     """[B, N, ...] tokens in shuffled order -> original (S, t, h, w) order."""
     return gather_tokens(x_shuffled, restore_ids(ids_shuffle))
+
+
+def drop_planes(key: jax.Array, plane_mask: jnp.ndarray, rate: float, max_planes: int):
+    """Plane dropout for fine-tuning: [B, S] bool plane_mask with, for each exam with
+    probability `rate`, k ~ uniform{1..max_planes} of its present planes made absent
+    (chosen at random, never the last one), so a head learns to predict from the planes
+    an exam has, as `absent_planes` evaluation and real exams with missing planes ask."""
+    if rate <= 0.0 or max_planes < 1:
+        return plane_mask
+    k_drop, k_count, k_which = jax.random.split(key, 3)
+    b = plane_mask.shape[0]
+    present = jnp.sum(plane_mask, axis=1)
+    count = jax.random.randint(k_count, (b,), 1, max_planes + 1)
+    count = jnp.where(jax.random.bernoulli(k_drop, rate, (b,)), count, 0)
+    count = jnp.minimum(count, jnp.maximum(present - 1, 0))
+    # Rank the present planes by uniform noise (absent ones last); drop the first `count`.
+    noise = jnp.where(plane_mask, jax.random.uniform(k_which, plane_mask.shape), ABSENT_NOISE)
+    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    return plane_mask & (rank >= count[:, None])

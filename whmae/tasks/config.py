@@ -57,7 +57,16 @@ def base_config(task: str, tokens: tuple[str, ...]) -> ml_collections.ConfigDict
     c.mode = "probe" if "probe" in tokens else "finetune"
     c.model = dict(arch="vit", encoder=dataclasses.asdict(encoder))
     c.init = dict(pretrained=True, checkpoint="", step=-1)
-    c.data = dict(dir="", batch_size=8 if tiny else 16, worker_count=0 if tiny else 4, seed=0)
+    c.data = dict(
+        dir="",
+        batch_size=8 if tiny else 16,
+        worker_count=0 if tiny else 4,
+        seed=0,
+        # Plane dropout (phenotype fine-tuning): this fraction of the training exams
+        # loses 1..plane_dropout_max of its planes each step (whmae.model.masking).
+        plane_dropout=0.0,
+        plane_dropout_max=2,
+    )
     c.optim = dict(
         name="adamw",
         lr=1e-4,

@@ -27,7 +27,7 @@ from flax import nnx
 from whmae.data.pipeline import dataset_info
 from whmae.layout import PHENOTYPE_COLUMNS, phenotype_index
 from whmae.model.config import MAEConfig
-from whmae.model.masking import restore_order
+from whmae.model.masking import drop_planes, restore_order
 from whmae.model.vit import Dense
 from whmae.tasks.config import init_step
 from whmae.tasks.encoder_init import MAEEncoder, encoder_config, pretrained_encoder_init
@@ -151,13 +151,16 @@ def phenotype_loss_values(pred, target, kind: str = "mse", delta: float = 1.0):
     return loss, column_mae
 
 
-def phenotype_loss(kind: str = "mse", delta: float = 1.0):
+def phenotype_loss(
+    kind: str = "mse", delta: float = 1.0, plane_dropout: float = 0.0, plane_dropout_max: int = 2
+):
     """`loss_fn(model, batch, key)` for the training loop; aux: mae_std (mean abs error
-    over all observed entries, standardised units)."""
+    over all observed entries, standardised units). `plane_dropout` > 0: that fraction of
+    the exams loses 1..`plane_dropout_max` of its planes (`masking.drop_planes`)."""
 
     def loss_fn(model, batch, key):
-        del key  # no masking, no dropout
-        pred = model(batch["images"], batch["plane_mask"])
+        plane_mask = drop_planes(key, batch["plane_mask"], plane_dropout, plane_dropout_max)
+        pred = model(batch["images"], plane_mask)
         target = model.standardise(batch["phenotypes"])
         loss, column_mae = phenotype_loss_values(pred, target, kind, delta)
         return loss, {"mae_std": jnp.mean(column_mae)}
@@ -230,7 +233,12 @@ def phenotype_task(config: Any) -> Task:
     return Task(
         name="phenotype",
         model_fn=lambda rngs: build_regressor(config, rngs, mean, std),
-        loss_fn=phenotype_loss(kind, delta),
+        loss_fn=phenotype_loss(
+            kind,
+            delta,
+            float(config.data.get("plane_dropout", 0.0)),
+            int(config.data.get("plane_dropout_max", 2)),
+        ),
         fields=FIELDS,
         init_params=init_params,
         validation=phenotype_validation(tuple(config.phenotypes), kind, delta),
