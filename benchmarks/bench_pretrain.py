@@ -86,11 +86,13 @@ def bench_one(
     batch_size: int | None,
     model_overrides: dict | None = None,
     warmup: int = 1,
+    measure_peak: bool = True,
 ) -> dict:
     """Compile and time the train step of one config variant; returns one record.
 
     model_overrides: MAEConfig fields replacing the variant's (e.g. remat=True,
-    attention_impl="cudnn", decoder_width=513); warmup: untimed steps after compiling.
+    attention_impl="cudnn", decoder_width=513); warmup: untimed steps after compiling;
+    measure_peak False: no matmul peak (MFU fields NaN), e.g. to keep peak RSS the step's.
     """
     config = load_config(variant)
     config.model.dtype = dtype
@@ -145,7 +147,7 @@ def bench_one(
 
     compiled_flops = flops_per_device * devices
     analytic_flops = 3.0 * flops_per_exam(model_config) * batch_size
-    peak = measured_peak(dtype, peak_size())
+    peak = measured_peak(dtype, peak_size()) if measure_peak else float("nan")
     record = dict(
         config=variant,
         dtype=dtype,
