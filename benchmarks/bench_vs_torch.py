@@ -18,11 +18,14 @@ steps after compiling, then `--steps` timed; the figure is the median over the r
 each process's median s/step. Output: DIR/vs_torch.json and DIR/vs_torch.md, the ratio
 whmae / PyTorch (< 1: whmae faster) beside each side's figures.
 
+whmae runs once per `--attention` value (default both: "xla", jax.nn.dot_product_attention,
+and "chunked", whmae.model.chunked_attention), each its own side.
+
 Configs (9 planes each):
   tiny   10 x 32 x 32, patch 5 x 8 x 8, width 33, 3 heads, 2 + 1 blocks (the demo's MAE)
   small  50 x 64 x 64, patch 25 x 8 x 8, width 129, 3 heads, 4 + 2 blocks
-  paper  50 x 128 x 128, patch 25 x 8 x 8, width 1025, 16 heads, 6 + 2 blocks, decoder
-         1025 (SPEC); few steps: ~25 s/step on 2 cores
+  paper  50 x 128 x 128, patch 25 x 8 x 8, width 1025, 5 heads, 6 + 2 blocks, decoder
+         1025, 5 heads (SPEC); few steps: ~25 s/step on 2 cores
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ CONFIGS = {
     "small": dict(image_size=64, frames=50, patch_size=(25, 8, 8), width=129, depth=4,
                   num_heads=3, decoder_width=129, decoder_depth=2, decoder_num_heads=3),
     "paper": dict(image_size=128, frames=50, patch_size=(25, 8, 8), width=1025, depth=6,
-                  num_heads=16, decoder_width=1025, decoder_depth=2, decoder_num_heads=16),
+                  num_heads=5, decoder_width=1025, decoder_depth=2, decoder_num_heads=5),
 }  # fmt: skip
 MASK_RATIO = 0.7
 CLIP_NORM = 1.0
@@ -66,16 +69,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_whmae(name: str, batch: int, steps: int, warmup: int) -> dict:
+def run_whmae(name: str, batch: int, steps: int, warmup: int, attention: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_pretrain import bench_one
 
-    record = bench_one("tiny", "float32", steps, batch, model_fields(name), warmup=warmup,
+    fields = dict(model_fields(name), attention_impl=attention)
+    record = bench_one("tiny", "float32", steps, batch, fields, warmup=warmup,
                        measure_peak=False)  # fmt: skip
     return dict(step_s=record["step_s"], compile_s=record["compile_s"], loss=record["loss"])
 
 
-def run_torch(name: str, batch: int, steps: int, warmup: int) -> dict:
+def run_torch(name: str, batch: int, steps: int, warmup: int, attention: str) -> dict:
+    del attention  # the reference's own attention
     import math
 
     import torch
@@ -124,18 +129,19 @@ def run_torch(name: str, batch: int, steps: int, warmup: int) -> dict:
 
 
 def child(args) -> None:
-    run = run_whmae if args.side == "whmae" else run_torch
-    result = run(args.config, args.batch, args.steps, args.warmup)
+    side, _, attention = args.side.partition(":")
+    run = run_whmae if side == "whmae" else run_torch
+    result = run(args.config, args.batch, args.steps, args.warmup, attention or "xla")
     result.update(side=args.side, config=args.config, peak_rss_gib=peak_rss_gib())
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| config | PyTorch s/step | whmae s/step | whmae / PyTorch | peak RSS PyTorch / "
-             "whmae (GiB) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| config | whmae attention | PyTorch s/step | whmae s/step | whmae / PyTorch "
+             "| peak RSS PyTorch / whmae (GiB) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['config']} | {r['torch_s']:.4g} | {r['whmae_s']:.4g} | "
-                     f"**{r['ratio']:.2f}x** | {r['torch_rss_gib']:.2f} / "
+        lines.append(f"| {r['config']} | {r['attention']} | {r['torch_s']:.4g} | "
+                     f"{r['whmae_s']:.4g} | **{r['ratio']:.2f}x** | {r['torch_rss_gib']:.2f} / "
                      f"{r['whmae_rss_gib']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -149,7 +155,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=None, help="directory for vs_torch.json / .md")
-    parser.add_argument("--side", choices=("whmae", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--attention",
+        default="xla,chunked",
+        help="whmae attention_impl values, each timed as its own side",
+    )
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
@@ -164,7 +175,8 @@ def main(argv=None) -> int:
         for config in configs:
             steps = args.paper_steps if config == "paper" else args.steps
             warmup = 1 if config == "paper" else args.warmup
-            sides = ("whmae", "torch") if round_ % 2 == 0 else ("torch", "whmae")
+            sides = [f"whmae:{a}" for a in args.attention.split(",") if a] + ["torch"]
+            sides = sides if round_ % 2 == 0 else sides[::-1]
             for side in sides:
                 cmd = [sys.executable, __file__, "--side", side, "--config", config,
                        "--steps", str(steps), "--warmup", str(warmup),
@@ -181,12 +193,14 @@ def main(argv=None) -> int:
                       f"GiB", file=sys.stderr, flush=True)  # fmt: skip
     rows = []
     for config in configs:
-        side = {s: results[config][s] for s in ("whmae", "torch")}
-        med = {s: statistics.median(r["step_s"] for r in side[s]) for s in side}
-        rss = {s: max(r["peak_rss_gib"] for r in side[s]) for s in side}
-        rows.append(dict(config=config, whmae_s=med["whmae"], torch_s=med["torch"],
-                         ratio=med["whmae"] / med["torch"], whmae_rss_gib=rss["whmae"],
-                         torch_rss_gib=rss["torch"], rounds=results[config]))  # fmt: skip
+        med = {s: statistics.median(r["step_s"] for r in v) for s, v in results[config].items()}
+        rss = {s: max(r["peak_rss_gib"] for r in v) for s, v in results[config].items()}
+        for side in (s for s in med if s != "torch"):
+            rows.append(dict(config=config, attention=side.partition(":")[2],
+                             whmae_s=med[side], torch_s=med["torch"],
+                             ratio=med[side] / med["torch"], whmae_rss_gib=rss[side],
+                             torch_rss_gib=rss["torch"], rounds=results[config][side],
+                             torch_rounds=results[config]["torch"]))  # fmt: skip
     import platform
 
     report = dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),

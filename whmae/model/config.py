@@ -20,7 +20,7 @@ from whmae.model.posembed import POSEMBEDS, check_width
 
 LOSS_ON = ("all", "masked")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,9 @@ class MAEConfig:
       "view_sincos" = axis carried by the plane block's sign, widths any multiple of 8.
     attention_impl: `implementation=` of `jax.nn.dot_product_attention`; with "cudnn"
       the head dim is zero-padded to a multiple of 8 inside attention (205 -> 208, same
-      result), as cuDNN fused attention requires (bf16/fp16 only, head dim <= 256 on H100).
+      result), as cuDNN fused attention requires (bf16/fp16 only, head dim <= 256 on H100);
+      "chunked": `whmae.model.chunked_attention` (query chunks, backward recomputed: no
+      [heads, L, L] matrix is kept; the paper step's CPU temporaries 5.3 -> see README).
     """
 
     image_size: int = 128

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from whmae.model.chunked_attention import chunked_attention
+
 Names = tuple[str | None, ...]
 
 xavier_uniform = jax.nn.initializers.xavier_uniform
@@ -93,13 +95,16 @@ CUDNN_HEAD_DIM_MULTIPLE = 8
 
 
 def padded_attention(q, k, v, kv_lengths, *, implementation, multiple: int = 1):
-    """`jax.nn.dot_product_attention` with the head dim zero-padded up to a multiple.
+    """`jax.nn.dot_product_attention` with the head dim zero-padded up to a multiple
+    (implementation "chunked": `whmae.model.chunked_attention`, no padding).
 
     q, k, v [B, L, heads, head_dim]. Zero columns add nothing to q . k, the scale stays
     1/sqrt(head_dim), and the padded output columns (zero-weighted v) are cut off, so the
     result equals the unpadded one; the reference's head_dim 205 becomes 208 for cuDNN.
     """
     head_dim = q.shape[-1]
+    if implementation == "chunked":
+        return chunked_attention(q, k, v, kv_lengths, scale=head_dim**-0.5)
     padded = -(-head_dim // multiple) * multiple
     if padded != head_dim:
         widths = [(0, 0)] * (q.ndim - 1) + [(0, padded - head_dim)]
