@@ -3,8 +3,9 @@
   paper  the reference exactly: D 1025, 5 heads, 6 encoder + 2 decoder blocks at full
          width, MLP 4100, exact GELU, LN eps 1e-5, loss over all tokens, sigmoid head,
          Adam lr 1e-4 constant, no weight decay, batch 1, float32.
-  base   improved: loss on masked tokens, norm-pix targets, lightweight decoder
-         (513 wide, 4 blocks), MLP dims 4096 / 2048 (shardable 8 ways), AdamW warmup +
+  base   improved and shaped for matrix units: posembed "view_sincos", widths 1024 /
+         512 (decoder, 4 blocks), 128-wide heads, MLP 4096 / 2048 (every weight
+         shardable 8 ways), loss on masked tokens, norm-pix targets, AdamW warmup +
          cosine, wd 0.05, clipping, bfloat16.
   tiny   CPU tests and demo: 32x32, 10 frames, patch (5, 8, 8), a few steps.
 

@@ -278,7 +278,7 @@ class UNETRDecoder(nnx.Module):
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(encoder.dtype)
-        self.factors = stage_factors(encoder.patch_size)
+        self.factors = tuple(stage_factors(encoder.patch_size))  # static: hashable
         stages = len(self.factors)
         if len(channels) != stages:
             raise ValueError(
