@@ -97,3 +97,46 @@ def test_disk_full_is_one_line_naming_the_last_good_checkpoint(tmp_path):
 def test_other_errors_keep_their_traceback(tmp_path):
     with pytest.raises(KeyError), cli.one_line_errors(str(tmp_path)):
         raise KeyError("a bug")
+
+
+def test_a_dataset_the_model_does_not_take_is_named_before_anything_is_built(
+    tiny_dataset, tmp_path, capsys
+):
+    """A 32x32 dataset with a 64x64 model (and a frame count that differs) fails at once,
+    naming the config fields and the dataset's values, instead of ~20 s later in XLA."""
+    args = [
+        "--config", CONFIG, "--workdir", str(tmp_path / "w"), f"--config.data.dir={tiny_dataset}",
+        "--config.model.image_size=64", "--config.model.frames=20",
+    ]  # fmt: skip
+    code, _, err = _exit(pretrain.main, args, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "model.image_size=64 (dataset: 32)" in err and "model.frames=20 (dataset: 10)" in err
+    assert not (tmp_path / "w").exists()
+    finetune_args = [
+        "--config", "configs/segmentation.py:tiny,unetr_scratch", "--workdir",
+        str(tmp_path / "f"), f"--config.data.dir={tiny_dataset}",
+        "--config.model.encoder.image_size=64",
+    ]  # fmt: skip
+    code, _, err = _exit(finetune.main, finetune_args, capsys)
+    assert code == 1 and "model.encoder.image_size=64 (dataset: 32)" in err
+
+
+def test_a_batch_that_does_not_split_over_the_devices_names_the_field():
+    cli.check_batch_splits(16, 8)
+    with pytest.raises(cli.UsageError, match=r"data.batch_size=12 does not split .* 8 data"):
+        cli.check_batch_splits(12, 8)
+
+
+def test_resuming_with_a_changed_model_names_the_changed_fields(tiny_dataset, tmp_path, capsys):
+    """A workdir trained with one model and resumed with another: one line naming each
+    changed model field and its checkpoint value, not Orbax's shape error."""
+    base = ["--config", CONFIG, "--workdir", str(tmp_path / "w"),
+            f"--config.data.dir={tiny_dataset}", "--config.train.steps=2",
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
+            "--config.optim.warmup_steps=1"]  # fmt: skip
+    code, _, _ = _exit(pretrain.main, base, capsys)
+    assert code == 0
+    code, _, err = _exit(pretrain.main, [*base, "--config.model.mlp_dim=96",
+                                         "--config.train.steps=4"], capsys)  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "model.mlp_dim=96 (checkpoint: 64)" in err and "step 2" in err

@@ -248,6 +248,48 @@ def check_data_dir(data_dir: str | None) -> str:
     return data_dir
 
 
+def check_dataset_fits_model(config: Any) -> None:
+    """The dataset's exams ([9, frames, size, size], dataset_info.json) against the
+    config's model, before anything is built: a mismatch names the config fields and the
+    dataset's values (otherwise it surfaces ~20 s later inside XLA or Orbax)."""
+    import json
+
+    data_dir = config.data.get("dir")
+    if not data_dir:
+        return
+    info_path = epath.Path(data_dir) / "dataset_info.json"
+    if not info_path.exists():
+        return  # an unfinished dataset: make_pipeline says so
+    try:
+        _, frames, height, width = json.loads(info_path.read_text())["image_shape"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{info_path}: no readable image_shape ({e})") from e
+    prefix, model = ("model.encoder", config.model.encoder) if "encoder" in config.model else (
+        "model", config.model)  # fmt: skip
+    wrong = [
+        f"{prefix}.{field}={model[field]} (dataset: {value})"
+        for field, value in (("frames", frames), ("image_size", height))
+        if int(model[field]) != int(value)
+    ]
+    if height != width:
+        wrong.append(f"dataset images are {height}x{width}; the model takes square images")
+    if wrong:
+        raise UsageError(
+            f"dataset {data_dir} holds exams of {frames} frames at {height}x{width}, which the "
+            f"config's model does not take: {'; '.join(wrong)}. Set those fields or use a "
+            "dataset made at the model's size"
+        )
+
+
+def check_batch_splits(batch_size: int, shards: int) -> None:
+    """data.batch_size over the mesh's data x fsdp devices, named before compiling."""
+    if batch_size % shards:
+        raise UsageError(
+            f"data.batch_size={batch_size} does not split over the mesh's {shards} data x "
+            f"fsdp devices: use a multiple of {shards} (or set --config.mesh.data / fsdp)"
+        )
+
+
 def _chain(error: BaseException) -> Iterator[BaseException]:
     seen = set()
     while error is not None and id(error) not in seen:

@@ -1,8 +1,9 @@
 """The demo's two profiles: one pipeline, sized for a 2-core CPU or for one big GPU.
 
-  cpu  (default) `whmae-demo`: <= 15 min on 2 CPU cores. Small images and the tiny
-       MAE (`configs/pretrain.py:tiny`): enough to check that every stage learns and to
-       put each claim beside a control, not to reach the paper's figures.
+  cpu  (default) `whmae-demo`: ~21 min on 2 idle CPU cores (measured; 15 is the aim).
+       Small images and the tiny MAE (`configs/pretrain.py:tiny`): enough to check that
+       every stage learns and to put each claim beside a control, not to reach the
+       paper's figures.
   gpu  `whmae-demo --profile gpu`: the paper's resolution (128 x 128, 50 frames, patches
        25 x 8 x 8 = 4608 tokens per exam) and an MAE wide enough to learn (D 385, 6 + 2
        blocks), sized for <= 20 min on one H100/H200 (stage times are printed and written

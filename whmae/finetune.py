@@ -58,6 +58,7 @@ def finetune(config: Any, workdir: str, *, distributed_mode: str | None = None) 
 
     check_data_dir(config.data.get("dir"))
     cli.validate_train_config(config)
+    cli.check_dataset_fits_model(config)
     config = resolve(config)
     return train(config, workdir, finetune_task(config), distributed_mode=distributed_mode)
 

@@ -106,6 +106,7 @@ def run(argv) -> None:
     with cli.one_line_errors(workdir):
         cli.validate_train_config(config)
         cli.check_data_dir(config.data.get("dir"))
+        cli.check_dataset_fits_model(config)
         quiet_library_logs()
         summary = train(
             config, workdir, pretrain_task(config), distributed_mode=flags.FLAGS.distributed

@@ -39,6 +39,7 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from whmae.cli import UsageError, check_batch_splits
 from whmae.data.pipeline import make_pipeline
 from whmae.train import distributed
 from whmae.train.checkpoint import CHECKPOINT_DIR, Checkpointer, PreemptionWatcher
@@ -92,6 +93,33 @@ def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _raise_if_model_changed(checkpointer, step: int, config: Any, error: Exception) -> None:
+    """A restore that failed on shapes, explained by the config fields that changed: the
+    model fields of the config saved with `step` against this run's, named one by one."""
+    try:
+        saved = _leaves(checkpointer.restore_config(step).get("model", {}), "model")
+    except Exception:  # noqa: BLE001 - no readable saved config: the original error stands
+        return
+    now = _leaves(json.loads(json.dumps(_config_json(config).get("model", {}))), "model")
+    changed = [f"{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})"
+               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]  # fmt: skip
+    if changed:
+        raise UsageError(
+            f"the checkpoint in {checkpointer.directory} (step {step}) holds a different "
+            f"model: {'; '.join(changed)}. Resume with the checkpoint's settings or use a new "
+            "--workdir"
+        ) from error
+
+
 def _config_json(config: Any) -> dict:
     to_json = getattr(config, "to_json_best_effort", None)
     return json.loads(to_json()) if to_json else dict(config)
@@ -139,6 +167,7 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
     global_batch_size = int(config.data.batch_size)
 
     mesh = make_mesh(config.mesh)
+    check_batch_splits(global_batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
     rules = logical_rules(config.mesh.rules)
     tx, schedule = make_optimizer(config.optim, total_steps)
     batch_shardings = batch_shardings_for(mesh, tuple(task.fields))
@@ -170,7 +199,11 @@ def train(config: Any, workdir: str, task: Task, *, distributed_mode: str | None
         graphdef, target, state_shardings = abstract_state(
             task.model_fn, tx, mesh, rules, int(config.train.seed)
         )
-        state = checkpointer.restore(resume_step, target, data_iter)
+        try:
+            state = checkpointer.restore(resume_step, target, data_iter)
+        except ValueError as error:
+            _raise_if_model_changed(checkpointer, resume_step, config, error)
+            raise
         # A damaged newest step is moved aside and an older one restored.
         resume_step = int(jax.device_get(state.step))
         log.info("resumed from %s step %d", checkpointer.directory, resume_step)
