@@ -40,15 +40,9 @@ def finetune_task(config: Any) -> Task:
 
         return phenotype_task(config)
     if config.task == "segmentation":
-        import dataclasses
-
-        from whmae.evaluate.segmentation import validation
-        from whmae.tasks.encoder_init import encoder_config
         from whmae.tasks.segmentation import segmentation_task
 
-        # Val Dice per class (`whmae.evaluate.segmentation.validation`).
-        planes = encoder_config(config.model).planes
-        return dataclasses.replace(segmentation_task(config), validation=validation(planes))
+        return segmentation_task(config)
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
 
 

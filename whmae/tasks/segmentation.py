@@ -502,7 +502,10 @@ def build_segmenter(config: Any, rngs: nnx.Rngs) -> SegmentationModel:
 
 
 def segmentation_task(config: Any) -> Task:
-    """The segmentation `Task` of a resolved config (`whmae.tasks.config.resolve`)."""
+    """The segmentation `Task` of a resolved config (`whmae.tasks.config.resolve`), with
+    val Dice per class (`whmae.evaluate.segmentation.validation`)."""
+    from whmae.evaluate.segmentation import validation
+
     init_params = None
     if config.init.pretrained:
         init_params = pretrained_encoder_init(
@@ -514,4 +517,5 @@ def segmentation_task(config: Any) -> Task:
         loss_fn=segmentation_loss,
         fields=FIELDS,
         init_params=init_params,
+        validation=validation(encoder_config(config.model).planes),
     )
