@@ -65,7 +65,7 @@ def pretrain_validation(model_config):
         images = batch["images"].astype(jnp.float32) / 255.0
         out = model(images, batch["plane_mask"], ids_shuffle=ids)
         # The model's loss, per exam instead of pooled over the batch.
-        per_token = jnp.mean(jnp.square(out["pred"] - out["target"]), axis=-1)
+        per_token = out["token_loss"]
         selected, available = model.select_planes(batch["images"], batch["plane_mask"])
         recon, _ = reconstruction_images(
             model.config, selected, out["pred"], out["ids_shuffle"], out["num_kept"]

@@ -219,7 +219,8 @@ class MaskedAutoencoder(nnx.Module):
         """Masked reconstruction of images [B, 9, T, H, W] given plane_mask [B, 9].
 
         Returns loss (scalar f32), pred and target [B, N, P] f32 (original token
-        order), loss_mask [B, N] f32, ids_shuffle [B, N] int32, num_kept [B] int32.
+        order), loss_mask [B, N] f32, token_loss [B, N] f32 (each token's MSE; loss is its
+        loss_mask-weighted mean), ids_shuffle [B, N] int32, num_kept [B] int32.
         """
         c = self.config
         images, plane_available = self.select_planes(images, plane_mask)
@@ -238,6 +239,7 @@ class MaskedAutoencoder(nnx.Module):
         loss = jnp.sum(per_token * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
         return {
             "loss": loss,
+            "token_loss": per_token,
             "pred": pred,
             "target": target,
             "loss_mask": loss_mask,
