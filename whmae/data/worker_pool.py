@@ -72,18 +72,31 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
-def _live_resource_trackers(uid: int) -> list[int]:
-    """Pids of this user's running multiprocessing resource trackers."""
-    pids = []
+def _user_processes(uid: int):
+    """Yield (pid, read) for each process of `uid`: read(name, mode) opens
+    /proc/<pid>/<name>; a process that is gone meanwhile (OSError) is skipped."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             if entry.stat().st_uid != uid:
                 continue
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+        except OSError:
+            continue
+        yield (
+            int(entry.name),
+            lambda name, mode="r", pid=entry.name: open(f"/proc/{pid}/{name}", mode),
+        )
+
+
+def _live_resource_trackers(uid: int) -> list[int]:
+    """Pids of this user's running multiprocessing resource trackers."""
+    pids = []
+    for pid, read in _user_processes(uid):
+        try:
+            with read("cmdline", "rb") as f:
                 if b"multiprocessing.resource_tracker" in f.read():
-                    pids.append(int(entry.name))
+                    pids.append(pid)
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return pids
@@ -91,14 +104,10 @@ def _live_resource_trackers(uid: int) -> list[int]:
 
 def _mapped_under(directory: str) -> set[str]:
     """Files under `directory` that a process of this user has mapped."""
-    prefix, uid, mapped = directory.rstrip("/") + "/", os.getuid(), set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    prefix, mapped = directory.rstrip("/") + "/", set()
+    for _, read in _user_processes(os.getuid()):
         try:
-            if entry.stat().st_uid != uid:
-                continue
-            with open(f"/proc/{entry.name}/maps") as f:
+            with read("maps") as f:
                 for line in f:
                     at = line.find(prefix)
                     if at >= 0:

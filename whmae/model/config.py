@@ -42,7 +42,7 @@ class MAEConfig:
       the head dim is zero-padded to a multiple of 8 inside attention (205 -> 208, same
       result), as cuDNN fused attention requires (bf16/fp16 only, head dim <= 256 on H100);
       "chunked": `whmae.model.chunked_attention` (query chunks, backward recomputed: no
-      [heads, L, L] matrix is kept; the paper step's CPU temporaries 5.3 -> see README).
+      [heads, L, L] matrix is kept; the paper step's CPU temporaries 5.3 -> 2.6 GiB).
     """
 
     image_size: int = 128
