@@ -27,7 +27,8 @@ def random_exam(index: int, frames: int = 4, size: int = 16) -> dict:
         "labels": rng.integers(0, 6, (9, frames, size, size), dtype=np.uint8),
         "phenotypes": phenotypes,
         "plane_mask": rng.random(9) > 0.2,
-        "label_mask": rng.random(9) > 0.5,
+        # Per plane and frame (schema 2): some frames of labelled planes unlabelled.
+        "label_mask": (rng.random(9) > 0.5)[:, None] & (np.arange(frames) % 3 != index % 3),
         "pixel_spacing": rng.uniform(1, 2, (9, 2)).astype(np.float32),
         "slice_spacing": np.float32(rng.uniform(8, 10)),
         "frame_duration": np.float32(rng.uniform(0.02, 0.04)),

@@ -52,7 +52,7 @@ def test_shuffled_zips_give_the_nifti_record_and_geometry(shuffled, tmp_path):
     exam, geometry = preprocess_exam(source, **OPTIONS)
     twin, twin_geometry = preprocess_exam(shuffled["nifti"], **OPTIONS)
     assert_same_record(exam, twin, "with segmentations")
-    assert exam["label_mask"].sum() == 8  # all but the 3ch, which UK Biobank does not label
+    assert exam["label_mask"].all(1).sum() == 8  # all but the 3ch, which UK Biobank does not label
     assert geometry["views"]["sa"]["slice_rule"] == "reference"
     assert geometry["input"] == "dicom" and twin_geometry["input"] == "nifti"
     for stem, view in geometry["views"].items():
@@ -213,7 +213,7 @@ def test_prepare_reads_dicom_and_nifti_subjects_side_by_side(shuffled, tmp_path,
     exams = read_exams(tmp_path / "d")
     assert sorted(exams) == ["2000001", "2000003"]
     assert_same_record(exams["2000001"], exams["2000003"], "prepared")
-    assert exams["2000001"]["label_mask"].sum() == 8  # segmentations beside the zips
+    assert exams["2000001"]["label_mask"].all(1).sum() == 8  # segmentations beside the zips
 
     views.write_text("[[1, 2")
     assert prepare.main([*args[:5], str(tmp_path / "e"), *options]) == 2

@@ -47,9 +47,11 @@ def test_exam_schema(exams):
     assert exam["labels"].shape == shape and exam["labels"].dtype == np.uint8
     assert exam["phenotypes"].shape == (18,) and exam["phenotypes"].dtype == np.float32
     assert exam["plane_mask"].dtype == bool and exam["plane_mask"].all()
+    assert exam["label_mask"].shape == shape[:2]  # per plane and frame: every frame here
     np.testing.assert_array_equal(
-        np.flatnonzero(exam["label_mask"]), np.array(layout.LABELLED_PLANES)
+        np.flatnonzero(exam["label_mask"].all(1)), np.array(layout.LABELLED_PLANES)
     )
+    np.testing.assert_array_equal(exam["label_mask"].all(1), exam["label_mask"].any(1))
     for plane, spacing in enumerate(exam["pixel_spacing"]):
         view = "short_axis" if plane in layout.SHORT_AXIS_PLANES else "long_axis"
         np.testing.assert_allclose(spacing, CONFIG.view_fov_mm(view) / CONFIG.size, rtol=1e-6)

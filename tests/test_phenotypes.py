@@ -61,6 +61,27 @@ def test_end_diastole_is_frame_zero_even_when_not_largest():
     assert math.isnan(result["LVCO (L/min)"])  # no frame duration given
 
 
+def test_labels_on_two_frames_are_ed_and_es_by_volume_and_phases_can_be_given():
+    """ACDC / M&Ms: only ED and ES are segmented (here frames 3 and 1 of 5; the others are
+    empty). ED is the labelled frame of larger LV, whatever its position; the empty frames
+    are not read; the cycle for LVCO is still all 5 frames."""
+    seg = _short_axis_stack(lv_counts=[0, 12, 0, 40, 0], myo_counts=[0, 18, 0, 15, 0],
+                            rv_counts=[0, 14, 0, 30, 0])  # fmt: skip
+    labelled = {"sa": np.array([0, 1, 0, 1, 0], bool)}
+    kwargs = dict(sa_pixel_spacing=(1, 1), slice_spacing=1, frame_duration=0.2)
+    result = phenotypes.phenotypes_from_segmentations(seg, **kwargs, labelled_frames=labelled)
+    assert result["LVEDV (mL)"] == pytest.approx(40 / 1000)
+    assert result["LVESV (mL)"] == pytest.approx(12 / 1000)
+    assert result["RVEF (%)"] == pytest.approx(100 * 16 / 30)
+    assert result["LVM (g)"] == pytest.approx(15 / 1000 * 1.05)
+    assert result["LVCO (L/min)"] == pytest.approx(28 / 1000 * 60 / (5 * 0.2) / 1000)
+    with pytest.raises(ValueError, match=r"no LV blood pool at ED \(frame 0\)"):
+        phenotypes.phenotypes_from_segmentations(seg, **kwargs)  # read as every frame
+    swapped = phenotypes.phenotypes_from_segmentations(seg, **kwargs, phases=(1, 3))
+    assert swapped["LVEDV (mL)"] == pytest.approx(12 / 1000)
+    assert swapped["LVESV (mL)"] == pytest.approx(40 / 1000)
+
+
 def test_area_length_length_is_major_axis_of_rotated_ellipse():
     spacing = (0.2, 0.25)
     seg = np.stack([_ellipse(30.0, 18.0, angle, spacing, (400, 340)) for angle in (0.3, 1.2, -0.7)])

@@ -2,13 +2,14 @@
 
 import json
 import shutil
+import struct
 
 import grain
 import numpy as np
 import pytest
 from conftest import random_exam
 
-from whmae.data import lookup, quantize, records, shards
+from whmae.data import lookup, pipeline, quantize, records, shards
 from whmae.data.records import RecordError
 from whmae.data.splits import SPLITS, split_of
 from whmae.layout import PHENOTYPE_COLUMNS
@@ -27,6 +28,67 @@ def assert_same_exam(got: dict, want: dict):
 def test_encode_decode_is_bit_identical():
     exam = random_exam(3)
     assert_same_exam(records.decode_exam(records.encode_exam(exam)), exam)
+
+
+def encode_schema_1(exam: dict) -> bytes:
+    """An exam record as the schema-1 encoder wrote it (label_mask per plane, [9]): prefix,
+    JSON header, 64-byte aligned raw buffers."""
+    fields, buffers, offset = {}, [], 0
+    for name in records.EXAM_FIELDS:
+        value = np.asarray(exam[name])
+        fields[name] = {"dtype": value.dtype.str, "shape": list(value.shape),
+                        "offset": offset, "nbytes": value.nbytes}  # fmt: skip
+        buffers += [value.tobytes(), bytes(-value.nbytes % 64)]
+        offset += -(-value.nbytes // 64) * 64
+    header = json.dumps({"schema": 1, "eid": exam["eid"], "fields": fields}).encode()
+    header += b" " * (-(8 + len(header)) % 64)
+    return b"".join([struct.pack("<4sI", b"WHEX", len(header)), header, *buffers])
+
+
+def test_label_mask_is_per_plane_and_frame_and_a_per_plane_one_means_every_frame():
+    exam = random_exam(6)
+    assert records.SCHEMA_VERSION == 2 and exam["label_mask"].shape == (9, 4)
+    assert 0 < exam["label_mask"].sum() < exam["label_mask"].any(1).sum() * 4  # some frames
+    got = records.decode_exam(records.encode_exam(exam))
+    np.testing.assert_array_equal(got["label_mask"], exam["label_mask"])
+    per_plane = {**exam, "label_mask": exam["label_mask"].any(1)}  # [9]: every frame
+    got = records.decode_exam(records.encode_exam(per_plane))["label_mask"]
+    np.testing.assert_array_equal(got, np.repeat(exam["label_mask"].any(1)[:, None], 4, 1))
+    with pytest.raises(RecordError, match=r"label_mask must have shape \(9, 4\)"):
+        records.encode_exam({**exam, "label_mask": np.ones((9, 3), bool)})
+
+
+def test_schema_1_records_and_datasets_read_with_label_mask_on_every_frame(tmp_path):
+    exams = [random_exam(i) for i in range(4)]
+    for exam in exams:
+        exam["label_mask"] = exam["label_mask"].any(1)  # per plane, as schema 1 held it
+    old = [encode_schema_1(exam) for exam in exams]
+    for record, exam in zip(old, exams, strict=True):
+        every_frame = np.repeat(exam["label_mask"][:, None], 4, axis=1)
+        got = records.decode_exam(record)
+        assert_same_exam(got, {**exam, "label_mask": every_frame})
+        mask = records.decode_exam(record, ("label_mask",))["label_mask"]  # without images
+        np.testing.assert_array_equal(mask, every_frame)
+        # Re-encoded, it is a schema-2 record with the same masks.
+        again = records.encode_exam(got)
+        assert records.decode_header(again)[0]["schema"] == 2
+        np.testing.assert_array_equal(records.decode_exam(again)["label_mask"], every_frame)
+    # A dataset written before schema 2 (its records and dataset_info.json say 1).
+    shards.write_shard(old, tmp_path, 0, 1, split_of=lambda eid: "train")
+    shards.finalize_dataset(tmp_path, {})
+    info = json.loads((tmp_path / records.INFO_FILE).read_text())
+    (tmp_path / records.INFO_FILE).write_text(json.dumps({**info, "schema_version": 1}))
+    batch = next(iter(pipeline.make_pipeline(
+        tmp_path, "train", batch_size=4, fields=("eid", "labels", "label_mask"), shuffle=False,
+        num_epochs=1, process_index=0, process_count=1)))  # fmt: skip
+    assert batch["label_mask"].shape == (4, 9, 4)
+    by_eid = {e["eid"]: e["label_mask"] for e in exams}
+    for eid, mask in zip(batch["eid"].astype(str), batch["label_mask"], strict=True):
+        np.testing.assert_array_equal(mask, np.repeat(by_eid[eid][:, None], 4, axis=1))
+    # A schema this code does not know is refused, named.
+    future = old[0].replace(b'"schema": 1', b'"schema": 3')
+    with pytest.raises(RecordError, match="exam schema version 3"):
+        records.decode_exam(future)
 
 
 def test_decode_selected_fields_only():

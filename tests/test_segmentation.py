@@ -26,6 +26,7 @@ from whmae.tasks.segmentation import (
     PlaneRefine,
     SegmentationModel,
     UNETRDecoder,
+    plane_weights,
     segmentation_loss_values,
     stage_factors,
     upsample_linear,
@@ -251,20 +252,33 @@ def test_unlabelled_and_absent_planes_do_not_change_the_loss():
     assert abs(_loss(logits, labelled, weight) - base) > 1e-4
 
 
-def test_loss_equals_the_dice_ce_formula_written_out_in_numpy():
+def _frame_weights(weight):
+    """[B, S] -> [B, S, 2]: ACDC-style, frame 1 unlabelled on some planes, frame 0 on others."""
+    weight = np.repeat(weight[:, :, None], 2, axis=2)
+    weight[0, 3:, 1] = 0
+    weight[1, [0, 2, 5], 0] = 0
+    return weight
+
+
+@pytest.mark.parametrize("per_frame", [False, True], ids=["per_plane", "per_frame"])
+def test_loss_equals_the_dice_ce_formula_written_out_in_numpy(per_frame):
     """CE over included voxels whose label their plane can hold, + 1 - mean soft Dice per
-    foreground class over the planes that can hold it (module docstring), in float64."""
+    foreground class over the planes that can hold it (module docstring), in float64;
+    weights per plane [B, S] or per plane and frame [B, S, T]."""
     allowed = np.array([[c in PLANE_CLASSES[p] for c in range(NUM_CLASSES)]
                         for p in range(NUM_PLANES)])  # fmt: skip
     logits, labels, weight = _loss_case(3)  # labels include classes a plane cannot hold
+    if per_frame:
+        weight = _frame_weights(weight)
     loss, aux = segmentation_loss_values(jnp.asarray(logits), jnp.asarray(labels), weight, allowed)
     x = np.where(allowed[None, :, None, None, None], logits.astype(np.float64), -1e9)
     log_p = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
     log_p -= x.max(-1, keepdims=True)
     onehot = np.eye(NUM_CLASSES)[labels] * allowed[None, :, None, None, None]
-    w = weight[:, :, None, None, None]
+    frames = np.broadcast_to(weight if per_frame else weight[:, :, None], labels.shape[:3])
+    w = frames[..., None, None]
     ce = -(onehot * log_p).sum(-1) * w
-    ce = ce.sum() / (weight.sum() * math.prod(labels.shape[2:]))
+    ce = ce.sum() / (frames.sum() * math.prod(labels.shape[3:]))
     p = np.exp(log_p) * w[..., None] * allowed[None, :, None, None, None]
     g = onehot * w[..., None]
     axes = tuple(range(5))
@@ -273,6 +287,39 @@ def test_loss_equals_the_dice_ce_formula_written_out_in_numpy():
     assert float(aux["ce"]) == pytest.approx(ce, rel=1e-5)
     assert float(aux["dice"]) == pytest.approx(mean_dice, rel=1e-5)
     assert float(loss) == pytest.approx(ce + 1 - mean_dice, rel=1e-5)
+
+
+def test_unlabelled_frames_get_no_gradient_and_do_not_change_the_loss():
+    """Frames whose label_mask is False (ACDC / M&Ms: all but ED and ES): their logits get
+    exactly zero gradient, garbage there changes nothing, and the training loss's weights
+    (`plane_weights`) are per frame."""
+    logits, labels, _ = _loss_case(5)
+    label_mask = _frame_weights(np.ones((B, NUM_PLANES), np.float32)).astype(bool)
+    label_mask[:, LA_3CH] = False
+    plane_mask = np.ones((B, NUM_PLANES), bool)
+    plane_mask[1, 4] = False  # an absent plane: none of its frames count
+    weight = np.asarray(plane_weights({"label_mask": label_mask, "plane_mask": plane_mask},
+                                      range(NUM_PLANES)))  # fmt: skip
+    assert weight.shape == (B, NUM_PLANES, 2)
+    np.testing.assert_array_equal(weight, label_mask & plane_mask[:, :, None])
+
+    def loss(x, y=labels):
+        return segmentation_loss_values(jnp.asarray(x), jnp.asarray(y), weight)[0]
+
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(logits)))
+    excluded = weight == 0  # [B, S, T]
+    assert excluded.any() and (~excluded).any()
+    assert np.all(grad[excluded] == 0) and np.abs(grad[~excluded]).max() > 0
+    base = float(loss(logits))
+    garbage, other_labels = logits.copy(), labels.copy()
+    rng = np.random.default_rng(6)
+    garbage[excluded] = 30 * rng.normal(size=garbage[excluded].shape)
+    other_labels[excluded] = rng.integers(0, NUM_CLASSES, other_labels[excluded].shape)
+    assert float(loss(garbage, other_labels)) == pytest.approx(base, abs=1e-6)
+    # A labelled frame does count.
+    changed = labels.copy()
+    changed[1, 6, 1] = (changed[1, 6, 1] + 1) % NUM_CLASSES
+    assert abs(float(loss(logits, changed)) - base) > 1e-4
 
 
 def test_dice_ce_is_minimal_for_a_perfect_prediction():

@@ -207,6 +207,26 @@ def keep_short_axis_slices(folder, first: int, count: int) -> None:
         nib.save(nib.Nifti1Image(data, affine, image.header), str(path))
 
 
+def keep_label_frames(folder, frames) -> None:
+    """Zero every segmentation of an exam folder outside `frames` (file frame indices), as
+    ACDC and M&Ms ship them: labels at ED and ES only, the other frames all background."""
+    for path in sorted(Path(folder).glob("seg_*.nii.gz")):
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj).copy()
+        data[..., np.setdiff1d(np.arange(data.shape[3]), frames)] = 0
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), str(path))
+
+
+def roll_frames(folder, shift: int) -> None:
+    """Every view of an exam folder (images and segmentations) rolled `shift` frames later
+    in the cycle: the file's frame t holds what frame t - shift held (ED at frame `shift`,
+    as M&Ms exams may start the cycle elsewhere)."""
+    for path in sorted(Path(folder).glob("*.nii.gz")):
+        image = nib.load(str(path))
+        data = np.roll(np.asanyarray(image.dataobj), shift, axis=3)
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), str(path))
+
+
 def write_phenotype_csv(path, rows: dict[str, np.ndarray], eid_column: str = "eid") -> None:
     """{eid: float [18]} -> CSV with the exact UK Biobank column names; NaN -> empty cell."""
     with Path(path).open("w", newline="") as f:

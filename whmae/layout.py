@@ -11,12 +11,21 @@ An *exam* is a dict of numpy arrays (the dataset record; see
   labels          uint8   [S=9, T, H, W]  classes 0-5 (CLASS_NAMES)
   phenotypes      float32 [18]            PHENOTYPE_COLUMNS order, NaN = missing
   plane_mask      bool    [9]             plane acquired (False: absent, pixels meaningless)
-  label_mask      bool    [9]             plane has a segmentation (3ch never does)
+  label_mask      bool    [9, T]          (plane, frame) has a segmentation (3ch never
+                                          does; ACDC / M&Ms label only ED and ES)
   pixel_spacing   float32 [9, 2]          (row, col) mm per pixel of each plane
   slice_spacing   float32 []              mm between consecutive short-axis slices
   frame_duration  float32 []              seconds per frame
 
 The split (train/val/test) is a function of the eid (`whmae.data.splits`).
+
+Labels are available per plane AND frame (record schema 2): a (plane, frame) whose
+label_mask is False has no truth, its `labels` are 0 and mean nothing, and the
+segmentation loss and metrics leave it out. UK Biobank segments every frame of a
+labelled plane; ACDC and M&Ms segment only end-diastole and end-systole, so their exams
+have two labelled frames (`whmae.data.label_maps.labelled_frames`). Schema-1 records
+hold a per-plane label_mask [9]: decoding broadcasts it to every frame, [9, T]
+(`frame_label_mask` does the same for arrays made elsewhere).
 """
 
 from __future__ import annotations
@@ -78,6 +87,20 @@ def plane_class_mask(planes=tuple(range(NUM_PLANES))) -> tuple[tuple[bool, ...],
     """[len(planes)][NUM_CLASSES]: True where the class can occur in the plane
     (`PLANE_CLASSES`)."""
     return tuple(tuple(c in PLANE_CLASSES[p] for c in range(NUM_CLASSES)) for p in planes)
+
+
+def frame_label_mask(label_mask, shape):
+    """label_mask as bool `shape` = [..., 9, T] (the labels' shape without H, W): as it is
+    when it has that shape, or a per-plane [..., 9] (record schema 1, predictions made
+    elsewhere) taken as every frame (a read-only broadcast view)."""
+    import numpy as np
+
+    mask, shape = np.asarray(label_mask, bool), tuple(shape)
+    if mask.shape == shape:
+        return mask
+    if mask.shape == shape[:-1]:
+        return np.broadcast_to(mask[..., None], shape)
+    raise ValueError(f"label_mask must have shape {shape} or {shape[:-1]}, got {mask.shape}")
 
 
 def phenotype_index(column: str) -> int:

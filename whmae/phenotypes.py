@@ -18,6 +18,13 @@ extreme pixel centres lie about half a pixel inside the chamber's ends. For an e
 cut through its axes this is the major axis length to within about a pixel.
 ukbb_cardiac instead measures from the mitral/tricuspid valve midpoint to the far
 wall along the LV long axis; both give the chamber's longest extent along its axis.
+
+Labels on some frames only (ACDC / M&Ms segment ED and ES; `whmae.layout` label_mask
+[9, T]): volumes are read at the labelled frames only. ED and ES are then the labelled
+frames of largest and smallest LV blood pool (with two labelled frames: those two), the
+atrial max and min are over the labelled frames (with ED and ES only, an approximation),
+and a prediction is measured at the truth's ED and ES (`cardiac_phases`). With every
+frame labelled, ED is frame 0 and ES the minimum-LV frame (ukbb_cardiac).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ def ventricular_volumes(
 
     seg_sa: [Z, T, H, W] short-axis labels. Disc summation: voxel volume is
     dy * dx * slice_spacing / 1000 mL (slice thickness is ignored, as ukbb_cardiac does).
+    Frames without LV give 0 (`phenotypes_from_segmentations` requires LV at ED).
     """
     seg = _check_segmentation(seg_sa, 4, "seg_sa", "[Z, T, H, W]", subject)
     dy, dx = _check_spacing(pixel_spacing, "short-axis pixel_spacing", subject)
@@ -76,8 +84,6 @@ def ventricular_volumes(
             ("rv", layout.RV_BLOOD_POOL),
         )
     }
-    if counts["lv"][0] == 0:
-        raise ValueError(f"seg_sa has no LV blood pool at ED (frame 0){_where(subject)}")
     return counts
 
 
@@ -162,6 +168,8 @@ def phenotypes_from_segmentations(
     la_2ch_pixel_spacing=None,
     la_4ch_pixel_spacing=None,
     frame_duration: float | None = None,
+    labelled_frames: Mapping | None = None,
+    phases: tuple[int, int] | None = None,
     subject: str | None = None,
 ) -> dict[str, float]:
     """All 18 `layout.PHENOTYPE_COLUMNS` from segmentations; NaN where a view is absent.
@@ -169,21 +177,29 @@ def phenotypes_from_segmentations(
     seg_sa [Z, T, H, W] gives the LV/RV columns (ED = frame 0, ES = frame of minimum
     LV volume, used for the RV too); LVCO needs frame_duration (s). seg_la_2ch and
     seg_la_4ch [T, H, W] give the LA (biplane, needs both) and seg_la_4ch the RA.
+    labelled_frames: {"sa" | "la_2ch" | "la_4ch": bool [T]}, the frames each view is
+    segmented on (a view not named: all); volumes are read only there, and with some
+    short-axis frames unlabelled ED / ES are the labelled frames of largest / smallest LV
+    (module docstring). phases: (ED, ES) frames to use instead (a prediction measured at
+    its truth's phases).
     """
     result = dict.fromkeys(layout.PHENOTYPE_COLUMNS, math.nan)
+    labelled_frames = labelled_frames or {}
     if seg_sa is not None:
         if sa_pixel_spacing is None or slice_spacing is None:
             raise ValueError(f"seg_sa needs sa_pixel_spacing and slice_spacing{_where(subject)}")
         volumes = ventricular_volumes(seg_sa, sa_pixel_spacing, slice_spacing, subject=subject)
         frames = volumes["lv"].shape[0]
-        es = int(np.argmin(volumes["lv"]))
+        ed, es = phases or _phases(volumes["lv"], labelled_frames.get("sa"))
+        if volumes["lv"][ed] == 0:
+            raise ValueError(f"seg_sa has no LV blood pool at ED (frame {ed}){_where(subject)}")
         for name, prefix in (("lv", "LV"), ("rv", "RV")):
-            edv, esv = float(volumes[name][0]), float(volumes[name][es])
+            edv, esv = float(volumes[name][ed]), float(volumes[name][es])
             result[f"{prefix}EDV (mL)"] = edv
             result[f"{prefix}ESV (mL)"] = esv
             result[f"{prefix}SV (mL)"] = edv - esv
             result[f"{prefix}EF (%)"] = 100.0 * (edv - esv) / edv if edv > 0 else math.nan
-        result["LVM (g)"] = float(volumes["myo"][0]) * MYOCARDIAL_DENSITY
+        result["LVM (g)"] = float(volumes["myo"][ed]) * MYOCARDIAL_DENSITY
         if frame_duration is not None:
             if not np.isfinite(frame_duration) or frame_duration <= 0:
                 raise ValueError(
@@ -194,7 +210,9 @@ def phenotypes_from_segmentations(
     if seg_la_4ch is not None:
         seg_4 = _check_segmentation(seg_la_4ch, 3, "seg_la_4ch", "[T, H, W]", subject)
         spacing_4 = _check_spacing(la_4ch_pixel_spacing, "la_4ch pixel_spacing", subject)
-        result.update(_atrial_phenotypes(right_atrial_volume(seg_4, spacing_4), "RA"))
+        frames_4 = _frames(labelled_frames.get("la_4ch"), seg_4.shape[0])
+        ra = right_atrial_volume(seg_4, spacing_4)
+        result.update(_atrial_phenotypes(ra[frames_4], "RA"))
         if seg_la_2ch is not None:
             seg_2 = _check_segmentation(seg_la_2ch, 3, "seg_la_2ch", "[T, H, W]", subject)
             spacing_2 = _check_spacing(la_2ch_pixel_spacing, "la_2ch pixel_spacing", subject)
@@ -204,30 +222,87 @@ def phenotypes_from_segmentations(
                     f"{seg_4.shape[0]}{_where(subject)}"
                 )
             volume = left_atrial_volume(seg_2, seg_4, spacing_2, spacing_4)
-            result.update(_atrial_phenotypes(volume, "LA"))
+            both = frames_4 & _frames(labelled_frames.get("la_2ch"), seg_2.shape[0])
+            result.update(_atrial_phenotypes(volume[both], "LA"))
     return result
 
 
-def phenotypes_from_exam(exam: Mapping, *, subject: str | None = None) -> dict[str, float]:
+def _frames(labelled, count: int) -> np.ndarray:
+    """bool [count]: the labelled frames (None: all)."""
+    return np.ones(count, bool) if labelled is None else np.asarray(labelled, bool)
+
+
+def _phases(lv: np.ndarray, labelled) -> tuple[int, int]:
+    """(ED, ES) from per-frame LV volumes: frame 0 and the minimum when every frame is
+    labelled; else the labelled frames of largest and smallest volume."""
+    frames = _frames(labelled, lv.shape[0])
+    if frames.all() or not frames.any():
+        return 0, int(np.argmin(lv))
+    index = np.flatnonzero(frames)
+    return int(index[np.argmax(lv[index])]), int(index[np.argmin(lv[index])])
+
+
+def _labelled(exam: Mapping) -> np.ndarray:
+    """bool [9, T]: acquired and labelled (plane, frame) of an exam."""
+    labels = np.asarray(exam["labels"])
+    label_mask = layout.frame_label_mask(exam["label_mask"], labels.shape[:2])
+    return np.asarray(exam["plane_mask"], bool)[:, None] & label_mask
+
+
+def _short_axis_frames(labelled: np.ndarray) -> np.ndarray | None:
+    """bool [T]: the frames labelled on all six short-axis planes, or None (none)."""
+    frames = labelled[list(layout.SHORT_AXIS_PLANES)].all(axis=0)
+    return frames if frames.any() else None
+
+
+def cardiac_phases(exam: Mapping) -> tuple[int, int] | None:
+    """(ED, ES) frames of an exam (`whmae.layout` schema) whose short axis is labelled on
+    some frames only: of the frames labelled on all six short-axis planes, those of largest
+    and smallest LV blood pool in its labels (ED and ES when just those two are labelled).
+    None when every frame is labelled (ED is frame 0 and ES is found on each
+    segmentation) or the short axis has no frame labelled throughout."""
+    frames = _short_axis_frames(_labelled(exam))
+    if frames is None or frames.all():
+        return None
+    lv = np.count_nonzero(
+        np.asarray(exam["labels"])[list(layout.SHORT_AXIS_PLANES)] == layout.LV_BLOOD_POOL,
+        axis=(0, 2, 3),
+    )
+    return _phases(lv, frames)
+
+
+def phenotypes_from_exam(
+    exam: Mapping, *, phases: tuple[int, int] | None = None, subject: str | None = None
+) -> dict[str, float]:
     """Phenotypes from an exam dict's labels (`whmae.layout` schema).
 
     Only the exam's six short-axis slices are summed, so ventricular volumes cover
-    that window, not necessarily the whole heart. Absent or unlabelled planes -> NaN.
+    that window, not necessarily the whole heart. Absent or unlabelled planes -> NaN;
+    volumes are read at the labelled frames only (label_mask [9, T], module docstring),
+    the short axis at the frames labelled on all six planes. phases: (ED, ES) frames
+    (e.g. the truth's `cardiac_phases`, to measure a prediction at them).
     """
     subject = subject or str(exam.get("eid", "")) or None
     labels, spacing = exam["labels"], exam["pixel_spacing"]
-    labelled = np.asarray(exam["plane_mask"]) & np.asarray(exam["label_mask"])
+    labelled = _labelled(exam)
     short_axis = list(layout.SHORT_AXIS_PLANES)
-    has_sa = bool(np.all(labelled[short_axis]))
+    sa_frames = _short_axis_frames(labelled)
+    has_la = {p: bool(labelled[p].any()) for p in (layout.LA_2CH, layout.LA_4CH)}
     return phenotypes_from_segmentations(
-        labels[short_axis] if has_sa else None,
-        labels[layout.LA_2CH] if labelled[layout.LA_2CH] else None,
-        labels[layout.LA_4CH] if labelled[layout.LA_4CH] else None,
+        labels[short_axis] if sa_frames is not None else None,
+        labels[layout.LA_2CH] if has_la[layout.LA_2CH] else None,
+        labels[layout.LA_4CH] if has_la[layout.LA_4CH] else None,
         sa_pixel_spacing=spacing[short_axis[0]],
         slice_spacing=float(exam["slice_spacing"]),
         la_2ch_pixel_spacing=spacing[layout.LA_2CH],
         la_4ch_pixel_spacing=spacing[layout.LA_4CH],
         frame_duration=float(exam["frame_duration"]),
+        labelled_frames={
+            "sa": sa_frames,
+            "la_2ch": labelled[layout.LA_2CH],
+            "la_4ch": labelled[layout.LA_4CH],
+        },
+        phases=phases,
         subject=subject,
     )
 

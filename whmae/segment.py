@@ -151,7 +151,9 @@ def _write_exam(folder, exam, geometry, planes_pred, segmented, out: Path) -> li
     for stem, labels in restored.items():
         name = nifti_name(OUTPUT_VIEWS[stem])
         write_label_nifti(target / name, labels, folder / geometry["views"][stem]["file"])
-    predicted = dict(exam, labels=pred, label_mask=exam["plane_mask"] & segmented)
+    # Every frame of each segmented plane is "labelled" by the prediction.
+    label_mask = np.repeat((exam["plane_mask"] & segmented)[:, None], pred.shape[1], axis=1)
+    predicted = dict(exam, labels=pred, label_mask=label_mask)
     values = phenotypes_from_exam(predicted, subject=exam["eid"])
     return [float(values[c]) for c in layout.PHENOTYPE_COLUMNS]
 

@@ -6,9 +6,11 @@
 Shards are independent (exam indices split into contiguous blocks), so a pool of
 spawned worker processes writes them in parallel, and a rerun resumes: complete
 shards are kept, missing ones written, then dataset_info.json. A rerun with other
-arguments is refused unless --overwrite. Writes summary.json (counts per split and per
-population group, phenotype ranges) and summary.png (9 planes at ED and ES with label
-contours; phenotype histograms stacked by population group; scatters) beside the data.
+arguments is refused unless --overwrite (a dataset of an earlier record schema that this
+code reads is reused: phantom labels cover every frame in both). Writes summary.json
+(counts per split and per population group, phenotype ranges) and summary.png (9 planes
+at ED and ES with label contours; phenotype histograms stacked by population group;
+scatters) beside the data.
 
 The fields of view default to `phantom.default_fov_mm` (210 mm at 128 pixels, tighter on
 smaller images); the pixel spacing each exam records is FOV / size, per plane.
@@ -92,6 +94,10 @@ def _prepare_directory(out_dir: Path, arguments: dict, overwrite: bool) -> str:
                 path.unlink()
     if args_path.is_file():
         previous = json.loads(args_path.read_text())
+        if previous.get("schema_version") in records.READABLE_SCHEMAS:
+            # Phantom records of an earlier readable schema hold the same data (every frame
+            # of a labelled plane is labelled in both): reused, not refused.
+            previous["schema_version"] = arguments["schema_version"]
         if previous != arguments:
             changed = {
                 k: (previous.get(k), v) for k, v in arguments.items() if previous.get(k) != v

@@ -13,6 +13,13 @@ explicitly, per view, through a lookup table (never by arithmetic):
 ACDC (Bernard et al., IEEE TMI 2018) ships 1 = RV cavity, 2 = myocardium, 3 = LV cavity;
 M&Ms (Campello et al., IEEE TMI 2021) ships 1 = LV, 2 = myocardium, 3 = RV, the same
 order as UK Biobank. Label 0 is background everywhere. The 3ch view has no labels.
+
+Labelled frames (`labelled_frames`): UK Biobank segments every frame of the cycle, so with
+"ukbb" every frame of a view with a segmentation file is labelled. ACDC and M&Ms segment
+only end-diastole and end-systole and leave the other frames all zero, so with "acdc" or
+"mnms" a frame is labelled only when the view's segmentation holds foreground in it
+(anywhere in the stack, for the short axis): an all-background frame there means "not
+segmented", not "no heart".
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ SHORT_AXIS_MAPS = {
 # Long-axis segmentations exist only in the UK Biobank layout, whatever the SA convention.
 LONG_AXIS_MAPS = {"la_2ch": {1: LA}, "la_4ch": {1: LA, 2: RA}}
 LABELLED_VIEWS = ("sa", "la_2ch", "la_4ch")
+# Conventions whose segmentation files cover only some frames (ED and ES).
+PARTIAL_FRAME_CONVENTIONS = ("acdc", "mnms")
 
 
 def check_convention(convention: str) -> str:
@@ -106,3 +115,28 @@ def restore_file_labels(labels: np.ndarray, view: str, convention: str = "ukbb")
     for source, target in view_label_map(view, convention).items():
         table[target] = source
     return table[labels.astype(np.intp, copy=False)]
+
+
+def labelled_frames(seg: np.ndarray, convention: str) -> np.ndarray:
+    """bool [T]: the frames of a view's segmentation seg [Z, T, H, W] (file labels or
+    layout classes: 0 is background in both) that count as labelled under `convention`
+    (module docstring): all of them for "ukbb", those holding foreground for "acdc" and
+    "mnms"."""
+    check_convention(convention)
+    if convention not in PARTIAL_FRAME_CONVENTIONS:
+        return np.ones(seg.shape[1], bool)
+    return np.asarray(seg).any(axis=(0, 2, 3))
+
+
+def end_diastolic_frame(seg_sa: np.ndarray, frames: np.ndarray, convention: str) -> int:
+    """The end-diastolic frame of a short-axis segmentation seg_sa [Z, T, H, W] in the
+    file's labels: frame 0 when every frame is labelled (UK Biobank's convention), else the
+    labelled frame (`frames`, bool [T]) holding the most LV blood pool (0 if none is
+    labelled)."""
+    if frames.all() or not frames.any():
+        return 0
+    lv = next(f for f, c in SHORT_AXIS_MAPS[check_convention(convention)].items()
+              if c == LV_BLOOD_POOL)  # fmt: skip
+    labelled = np.flatnonzero(frames)
+    counts = np.count_nonzero(np.asarray(seg_sa)[:, labelled] == lv, axis=(0, 2, 3))
+    return int(labelled[np.argmax(counts)])

@@ -17,9 +17,16 @@ Per exam: six consecutive short-axis slices (`select_short_axis_slices`), a size
 crop per view (short axis centred on the segmentation's bounding box; long axis central,
 or label-centred by option; zero padding where the image is smaller), periodic linear
 resampling in time to `frames` (labels: nearest frame), min-max over the acquired planes,
-labels remapped to the layout classes (`label_maps`). The returned geometry dict
+labels remapped to the layout classes (`label_maps`). Labels are per plane and frame
+(label_mask [9, frames]): with --label-convention ukbb every frame of a segmented view is
+labelled; with acdc / mnms (ED and ES only) a frame is labelled only where the view's
+segmentation holds foreground, over the whole stack for the short axis
+(`label_maps.labelled_frames`), and a record frame is labelled when the file frame its
+labels come from is. When not every frame is labelled, the slice rule reads the labelled
+frame with the most LV blood pool (ED) instead of frame 0. The returned geometry dict
 (JSON-serialisable) records per view the original shape, affine, spacing, chosen
-slices, crop offsets, orientation and frame count, which `restore_labels` uses to put a
+slices, crop offsets, orientation, frame count and labelled file frames
+("labelled_frames", segmented views only), which `restore_labels` uses to put a
 predicted segmentation back into the original NIfTI grid.
 
 Policy: an exam without a usable short-axis image is rejected (ExamError): slice
@@ -447,7 +454,7 @@ def preprocess_exam(
     windows = {}  # plane -> [frames, size, size] in the file's dtype (float32 if resampled)
     labels = np.zeros(shape, np.uint8)
     plane_mask = np.zeros(layout.NUM_PLANES, bool)
-    label_mask = np.zeros(layout.NUM_PLANES, bool)
+    label_mask = np.zeros((layout.NUM_PLANES, frames), bool)
     spacing = np.full((layout.NUM_PLANES, 2), np.nan, np.float32)
     geometry = {
         "eid": eid,
@@ -473,11 +480,12 @@ def preprocess_exam(
     short_axis = orient(short_axis, sa_orientation)
     seg_sa = None if seg_sa is None else orient(seg_sa, sa_orientation)
     num_slices = short_axis.shape[0]
-    window_seg = None
+    window_seg = ed_seg = None
     try:
-        ed_seg = (
-            None if seg_sa is None else remap_segmentation(seg_sa[:, :1], "sa", label_convention)
-        )
+        if seg_sa is not None:  # labelled frames over the whole stack; the slice rule at ED
+            sa_frames = label_maps.labelled_frames(seg_sa, label_convention)
+            ed = label_maps.end_diastolic_frame(seg_sa, sa_frames, label_convention)
+            ed_seg = remap_segmentation(seg_sa[:, ed : ed + 1], "sa", label_convention)
         window_slices, rule_used = select_short_axis_slices(ed_seg, num_slices, slice_rule)
         if seg_sa is not None:
             stack = _stack_part(window_slices, num_slices)  # consecutive: a view, no gather
@@ -506,7 +514,7 @@ def preprocess_exam(
     windows.update(zip(planes, resample_time(window, frames), strict=True))
     if window_seg is not None:
         labels[planes] = resample_time(crop(window_seg, row, col, size), frames, labels=True)
-        label_mask[planes] = True
+        label_mask[planes] = _labelled(sa_frames, frames, source.name("seg_sa"), geometry)
     plane_mask[planes] = True
     zooms = sa_info["zooms"]
     spacing[planes] = _pixel_spacing(zooms, sa_orientation)
@@ -517,6 +525,8 @@ def preprocess_exam(
     geometry["views"]["sa"].update(
         planes=planes, slice_rule=rule_used, slice_spacing=zooms[2], window=window_slices
     )
+    if window_seg is not None:
+        geometry["views"]["sa"]["labelled_frames"] = np.flatnonzero(sa_frames).tolist()
     _view_notes(sa_name, sa_info, frames, geometry)
     frame_duration = geometry["views"]["sa"]["frame_duration"] * sa_info["shape"][3] / frames
     if math.isnan(frame_duration):
@@ -543,13 +553,17 @@ def preprocess_exam(
         windows[plane] = resample_time(window, frames)
         if seg is not None:
             labels[plane] = resample_time(crop(seg[0], row, col, size), frames, labels=True)
-            label_mask[plane] = True
+            la_frames = label_maps.labelled_frames(seg, label_convention)
+            name = source.name(SEGMENTATION_FILE[stem])
+            label_mask[plane] = _labelled(la_frames, frames, name, geometry)
         plane_mask[plane] = True
         spacing[plane] = _pixel_spacing(info["zooms"], orientation)
         geometry["views"][stem] = _view_geometry(
             source.name(stem), info, spacing[plane], [0], row, col, orientation
         )
         geometry["views"][stem]["planes"] = [plane]
+        if seg is not None:
+            geometry["views"][stem]["labelled_frames"] = np.flatnonzero(la_frames).tolist()
         _view_notes(source.name(stem), info, frames, geometry, (sa_name, sa_info["shape"][3]))
 
     phenotypes = np.full(layout.NUM_PHENOTYPES, np.nan, np.float32)
@@ -567,6 +581,25 @@ def preprocess_exam(
         "frame_duration": np.float32(frame_duration),
     }
     return exam, geometry
+
+
+def _labelled(view_frames: np.ndarray, frames: int, name: str, geometry: dict) -> np.ndarray:
+    """A view's labelled frames, bool [T] (`label_maps.labelled_frames`) -> the record's
+    [frames]: a record frame is labelled when the frame its labels come from is (the nearest,
+    as `resample_time` takes labels). Warns of a view with no labelled frame and, when only
+    some frames are labelled (ED, ES), of those that no record frame takes (resampling to
+    fewer frames)."""
+    source = np.arange(len(view_frames))[:, None, None]
+    taken = resample_time(source, frames, labels=True)[:, 0, 0]  # record frame -> file frame
+    if not view_frames.any():
+        geometry["warnings"].append(f"{name}: no frame holds a label (plane unlabelled)")
+    lost = sorted(set(np.flatnonzero(view_frames).tolist()) - set(taken.tolist()))
+    if lost and not view_frames.all():
+        geometry["warnings"].append(
+            f"{name}: labelled frames {lost} of {len(view_frames)} fall between the "
+            f"{frames} resampled frames (their labels are not in the record)"
+        )
+    return view_frames[taken]
 
 
 def _orientation(name: str, info: dict) -> dict:

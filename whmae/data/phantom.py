@@ -419,7 +419,7 @@ def make_exam(config: PhantomConfig, index: int) -> dict:
     views = ("la_2ch", "la_3ch", "la_4ch") + ("short_axis",) * len(layout.SHORT_AXIS_PLANES)
     rng = np.random.default_rng([config.seed, index, 1])
     image, labels = render_planes(subject, planes, views, rng)
-    label_mask = np.zeros(layout.NUM_PLANES, bool)
+    label_mask = np.zeros(labels.shape[:2], bool)  # every frame of the labelled planes
     label_mask[list(layout.LABELLED_PLANES)] = True
     return {
         "eid": subject.eid,

@@ -31,6 +31,12 @@ transform, which `restore_labels` and `whmae-segment` undo). dataset_info.json's
 provenance records the version; datasets without it keep each file's orientation, and a
 rerun into such a directory is refused rather than mixing the two.
 
+Labels per frame (record schema 2): with --label-convention acdc / mnms (ED and ES only) a
+frame is labelled only where the view's segmentation holds foreground
+(`label_maps.labelled_frames`); the manifest's "labelled_frames" gives, for views labelled
+on some frames only, how many of the record's frames are labelled. A rerun into a directory
+of an earlier schema is refused.
+
 Short stacks: a short-axis stack of `nifti_exam.MIN_SHORT_AXIS_SLICES` (3) to 5 slices is
 written with the planes it does not reach absent (manifest "absent", counted by kind on
 the console); fewer slices reject the exam.
@@ -138,6 +144,13 @@ def _prepare_one(job: dict) -> dict:
     }
     if repaired:
         entry["repaired_voxels"] = repaired
+    partial = {  # views labelled on some frames only: how many of the record's frames
+        stem: int(exam["label_mask"][view["planes"][0]].sum())
+        for stem, view in geometry["views"].items()
+        if "labelled_frames" in view and len(view["labelled_frames"]) < view["frames"]
+    }
+    if partial:
+        entry["labelled_frames"] = partial
     return {**entry, "record": record, "geometry": geometry}
 
 
@@ -229,6 +242,9 @@ def prepare_dataset(
         # Records of this run are in the canonical orientation (`nifti_exam`): a directory
         # holding an earlier run's (each file's own orientation) is refused, not mixed.
         "orientation": ORIENTATION_VERSION,
+        # Schema 2 marks labels per frame (acdc / mnms: ED and ES only); an earlier run's
+        # records (every frame of a segmented plane labelled) are not mixed with them.
+        "schema_version": records.SCHEMA_VERSION,
     }
     source = {"input_format": input_format, "series_views": series_views}
     if input_format != "auto" or series_views:  # recorded only when set: older runs resume

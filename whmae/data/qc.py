@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.label_maps import CONVENTIONS
+from whmae.data.label_maps import CONVENTIONS, labelled_frames
 from whmae.data.nifti_exam import load_segmentation
 from whmae.data.nifti_io import ExamError, frame_duration_seconds
 from whmae.data.subjects import list_subjects, read_phenotype_csv
@@ -53,19 +53,22 @@ def absolute_floor(column: str) -> float:
 
 def exam_phenotypes(folder, convention: str = "ukbb") -> dict[str, float]:
     """The 18 phenotypes of one exam folder from its segmentations (NaN where a view is
-    missing). Raises ExamError (naming the file) if seg_sa cannot be used."""
+    missing), read at the labelled frames (`label_maps.labelled_frames`: ED and ES for
+    acdc / mnms). Raises ExamError (naming the file) if seg_sa cannot be used."""
     folder = Path(folder)
     if not (folder / "seg_sa.nii.gz").is_file():
         raise ExamError("seg_sa.nii.gz: missing (ventricular phenotypes need it)")
     seg_sa, info = load_segmentation(folder, "sa", None, convention)
     zooms = info["zooms"]
     long_axis, spacing = {}, {}
+    frames = {"sa": labelled_frames(seg_sa, convention)}
     for view in ("la_2ch", "la_4ch"):
         if (folder / f"seg_{view}.nii.gz").is_file():
             seg, la_info = load_segmentation(folder, view, None, convention)
             if seg.shape[0] != 1:
                 raise ExamError(f"seg_{view}.nii.gz: expected one slice, got {seg.shape[0]}")
             long_axis[view] = seg[0]
+            frames[view] = labelled_frames(seg, convention)
             spacing[view] = (la_info["zooms"][1], la_info["zooms"][0])
     frame_duration = frame_duration_seconds(info)
     try:
@@ -78,6 +81,7 @@ def exam_phenotypes(folder, convention: str = "ukbb") -> dict[str, float]:
             la_2ch_pixel_spacing=spacing.get("la_2ch"),
             la_4ch_pixel_spacing=spacing.get("la_4ch"),
             frame_duration=None if math.isnan(frame_duration) else frame_duration,
+            labelled_frames=frames,
             subject=folder.name,
         )
     except ValueError as e:

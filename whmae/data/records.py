@@ -18,6 +18,11 @@ Why ArrayRecord written directly, not a TFDS builder:
 
 Images are uint8: `whmae.data.quantize` (its precision cost is measured there).
 
+Schema 2 (`SCHEMA_VERSION`) stores label_mask per plane and frame, [9, T] (see
+`whmae.layout`); schema 1 stored it per plane, [9]. Schema-1 records decode with it
+broadcast to every frame, [9, T] (a read-only view), so datasets written before still
+train and evaluate unchanged.
+
 Dataset layout (a directory):
   {split}-{shard:05d}-of-{num_shards:05d}.array_record   one file per split per shard
   shard-{shard:05d}-of-{num_shards:05d}.json             shard complete marker + eids,
@@ -44,7 +49,10 @@ import numpy as np
 from whmae.data.splits import check_split
 from whmae.layout import NUM_CLASSES, NUM_PHENOTYPES, NUM_PLANES
 
-SCHEMA_VERSION = 1
+# 2: label_mask is per plane and frame, [9, T] (1: per plane, [9]). Schema-1 records and
+# datasets are still read: their label_mask is broadcast to every frame on decode.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MAGIC = b"WHEX"
 _PREFIX = struct.Struct("<4sI")  # magic, header length
 _ALIGN = 64
@@ -78,7 +86,8 @@ def shard_marker(shard: int, num_shards: int) -> str:
 
 def check_exam(exam: dict, where: str = "exam") -> dict:
     """Validate an exam dict against the schema of `whmae.layout`; returns it with
-    float fields cast to float32. Raises RecordError naming `where` and the eid."""
+    float fields cast to float32, and a per-plane label_mask [9] (as schema 1 held it) taken
+    as every frame, [9, T]. Raises RecordError naming `where` and the eid."""
     eid = exam.get("eid")
     who = f"{where} (eid {eid!r})"
     if not isinstance(eid, str) or not eid:
@@ -100,10 +109,12 @@ def check_exam(exam: dict, where: str = "exam") -> dict:
         raise RecordError(f"{who}: images must be [9, T, H, W], got shape {images.shape}")
     if labels.shape != images.shape:
         raise RecordError(f"{who}: labels shape {labels.shape} != images shape {images.shape}")
+    if out["label_mask"].shape == (NUM_PLANES,):
+        out["label_mask"] = np.repeat(out["label_mask"][:, None], images.shape[1], axis=1)
     expected = {
         "phenotypes": (NUM_PHENOTYPES,),
         "plane_mask": (NUM_PLANES,),
-        "label_mask": (NUM_PLANES,),
+        "label_mask": images.shape[:2],
         "pixel_spacing": (NUM_PLANES, 2),
         "slice_spacing": (),
         "frame_duration": (),
@@ -155,9 +166,9 @@ def decode_header(record: bytes, where: str = "record") -> tuple[dict, int]:
         version, fields = header["schema"], header["fields"]
     except (ValueError, KeyError, TypeError) as e:
         raise RecordError(f"{where}: corrupt exam record, unreadable header ({e})") from None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise RecordError(
-            f"{where}: exam schema version {version}, this code reads {SCHEMA_VERSION}"
+            f"{where}: exam schema version {version}, this code reads {READABLE_SCHEMAS}"
         )
     if not isinstance(fields, dict):
         raise RecordError(f"{where}: corrupt exam record, header has no field table")
@@ -193,7 +204,17 @@ def decode_exam(record: bytes, fields: Iterable[str] | None = None, where: str =
                 f"but the record has {len(record)} (truncated)"
             )
         out[name] = np.frombuffer(record, dtype, math.prod(shape), offset).reshape(shape)
+        if name == "label_mask" and header["schema"] == 1:  # per plane: every frame
+            out[name] = np.broadcast_to(out[name][:, None], _frames_shape(header, who))
     return out
+
+
+def _frames_shape(header: dict, who: str) -> tuple[int, int]:
+    """[9, T] of a record, T from its images' shape in the header."""
+    try:
+        return NUM_PLANES, int(header["fields"]["images"]["shape"][1])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise RecordError(f"{who}: corrupt header, no images shape ({e})") from None
 
 
 def read_dataset_info(data_dir: str | os.PathLike) -> dict:
@@ -212,8 +233,8 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict:
         version, splits = info["schema_version"], info["splits"]
     except (ValueError, KeyError, TypeError) as e:
         raise RecordError(f"{path}: unreadable dataset info ({e})") from None
-    if version != SCHEMA_VERSION:
-        raise RecordError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+    if version not in READABLE_SCHEMAS:
+        raise RecordError(f"{path}: schema version {version}, this code reads {READABLE_SCHEMAS}")
     for split, entry in splits.items():
         recorded = entry.get("file_info", {})  # absent in datasets made before issue 17
         for name in entry["files"]:

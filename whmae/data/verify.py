@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from whmae.data.records import INFO_FILE, SCHEMA_VERSION, RecordError, decode_exam
+from whmae.data.records import INFO_FILE, READABLE_SCHEMAS, RecordError, decode_exam
 
 _READ_BATCH = 8  # records read at once (exams of 128x128x50 are ~15 MB decoded)
 
@@ -95,10 +95,10 @@ def _expected_files(data_dir: Path, report: Report) -> dict[str, dict]:
     if info_path.is_file():
         try:
             info = json.loads(info_path.read_text())
-            if info["schema_version"] != SCHEMA_VERSION:
+            if info["schema_version"] not in READABLE_SCHEMAS:
                 report.bad(
                     info_path,
-                    f"schema version {info['schema_version']}, this code reads {SCHEMA_VERSION}",
+                    f"schema version {info['schema_version']}, this code reads {READABLE_SCHEMAS}",
                 )
             num_shards.add(int(info["num_shards"]))
             info["splits"].items()

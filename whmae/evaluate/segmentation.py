@@ -8,8 +8,10 @@ A model is a fine-tuning workdir (`whmae.tasks.predict.predict_segmentation`) or
 .npz with that function's arrays (segmentations made elsewhere compare on equal terms).
 
 Views and their classes: short_axis (planes sa_0..sa_5: LV blood pool, LV myocardium,
-RV blood pool), la_2ch (LA), la_4ch (LA, RA); la_3ch has no labels. Only planes that are
-acquired and labelled in the truth (plane_mask & label_mask) count.
+RV blood pool), la_2ch (LA), la_4ch (LA, RA); la_3ch has no labels. Only the (plane,
+frame) images that are acquired and labelled in the truth (plane_mask & label_mask [9, T];
+ACDC / M&Ms: ED and ES) count; a per-plane label_mask [N, 9] (predictions made elsewhere,
+schema-1 data) means every frame.
   Dice   per exam, view and class over all its labelled planes and frames (one volume);
          undefined (null) when the class is absent from truth and prediction, and then
          left out of the means (never counted as 1.0).
@@ -18,8 +20,10 @@ acquired and labelled in the truth (plane_mask & label_mask) count.
          an exam where the class is on one side only has +inf (counted in
          n_infinite, left out of the mean); absent on both sides: undefined.
 Phenotypes: `whmae.phenotypes.phenotypes_from_exam` on the predicted and on the true
-labels of each exam; an exam whose prediction gives no phenotype (e.g. no LV at ED)
-counts in `phenotype_failures` and is left out of that column.
+labels of each exam, both over the truth's labelled frames; where those are not every
+frame, the predicted ventricles are measured at the truth's ED and ES frames
+(`phenotypes.cardiac_phases`). An exam whose prediction gives no phenotype (e.g. no LV at
+ED) counts in `phenotype_failures` and is left out of that column.
 
 metrics.json (schema_version 1):
   task "segmentation", split, data_dir, models:
@@ -53,7 +57,8 @@ from whmae.evaluate import plots
 from whmae.evaluate.metrics import dice, dice_from_counts, hd95, regression_stats, summary
 from whmae.evaluate.phenotypes import parse_models
 from whmae.evaluate.results import SCHEMA_VERSION, format_table, jsonable, write_metrics
-from whmae.phenotypes import phenotype_vector, phenotypes_from_exam
+from whmae.layout import frame_label_mask
+from whmae.phenotypes import cardiac_phases, phenotype_vector, phenotypes_from_exam
 
 __all__ = [
     "VIEWS",
@@ -75,10 +80,10 @@ EXAM_FIELDS = ("pixel_spacing", "plane_mask", "label_mask", "slice_spacing", "fr
 
 
 def _exam_hd95(pred: np.ndarray, truth: np.ndarray, spacings, label: int) -> float:
-    """Mean HD95 over the [P, T] images of one exam's view (see module docstring)."""
-    values = [hd95(pred[p, t], truth[p, t], spacings[p], label)
-              for p in range(pred.shape[0]) for t in range(pred.shape[1])]  # fmt: skip
-    values = np.asarray(values)
+    """Mean HD95 over the [K, H, W] images of one exam's view, spacings [K, 2] (see
+    module docstring)."""
+    values = np.asarray([hd95(p, t, s, label) for p, t, s in zip(pred, truth, spacings,
+                                                                  strict=True)])  # fmt: skip
     finite = values[np.isfinite(values)]
     if len(finite):
         return float(finite.mean())
@@ -88,15 +93,18 @@ def _exam_hd95(pred: np.ndarray, truth: np.ndarray, spacings, label: int) -> flo
 def exam_scores(pred, truth, labelled, pixel_spacing) -> dict[str, dict[str, dict[str, float]]]:
     """Dice and HD95 of one exam: {"dice"|"hd95_mm": {view: {class_name: value}}}.
 
-    pred, truth: [9, T, H, W] labels; labelled: bool [9]; pixel_spacing [9, 2] mm.
-    Views without a labelled plane are left out."""
+    pred, truth: [9, T, H, W] labels; labelled: bool [9, T] (or [9]: every frame), the
+    (plane, frame) images to score; pixel_spacing [9, 2] mm. Views without a labelled
+    image are left out."""
+    labelled = frame_label_mask(labelled, truth.shape[:2])
     scores = {"dice": {}, "hd95_mm": {}}
     for view, (planes, classes) in VIEWS.items():
-        planes = [p for p in planes if labelled[p]]
-        if not planes:
+        planes = list(planes)
+        images = np.nonzero(labelled[planes])  # (plane index, frame) of the labelled images
+        if not len(images[0]):
             continue
-        p, t = pred[planes], truth[planes]
-        spacings = np.asarray(pixel_spacing)[planes]
+        p, t = pred[planes][images], truth[planes][images]  # [K, H, W]
+        spacings = np.asarray(pixel_spacing)[planes][images[0]]
         names = [layout.CLASS_NAMES[c] for c in classes]
         scores["dice"][view] = {n: dice(p, t, c) for n, c in zip(names, classes, strict=True)}
         scores["hd95_mm"][view] = {n: _exam_hd95(p, t, spacings, c)
@@ -125,7 +133,8 @@ def validation(planes):
         del key
         pred = model(batch["images"], batch["plane_mask"]).argmax(axis=-1)  # [B, S, T, H, W]
         truth = batch["labels"][:, np.asarray(model.planes)]
-        weight = plane_weights(batch, model.planes)[:, :, None, None, None]
+        weight = plane_weights(batch, model.planes)  # [B, S, T] (or [B, S])
+        weight = weight.reshape(weight.shape + (1,) * (5 - weight.ndim))
         intersection, total = [], []
         for c in range(layout.NUM_CLASSES):  # one class at a time: no one-hot volume
             p = (pred == c).astype(jnp.float32) * weight
@@ -143,17 +152,18 @@ def validation(planes):
     return Validation(fn=fn, summarise=summarise)
 
 
-def _phenotypes(exam: dict, labels: np.ndarray) -> np.ndarray | None:
+def _phenotypes(exam: dict, labels: np.ndarray, phases=None) -> np.ndarray | None:
     try:
-        return phenotype_vector(phenotypes_from_exam({**exam, "labels": labels}))
+        return phenotype_vector(phenotypes_from_exam({**exam, "labels": labels}, phases=phases))
     except ValueError:
         return None
 
 
 def evaluate_segmentation(result: Mapping) -> dict:
     """Metrics of one model's `predict_segmentation` result (module docstring, one entry
-    of `models`). result: pred, labels uint8 [N, 9, T, H, W], label_mask, plane_mask [N, 9],
-    pixel_spacing [N, 9, 2], slice_spacing [N], frame_duration [N], eid [N]."""
+    of `models`). result: pred, labels uint8 [N, 9, T, H, W], label_mask [N, 9, T] (or
+    [N, 9]: every frame), plane_mask [N, 9], pixel_spacing [N, 9, 2], slice_spacing [N],
+    frame_duration [N], eid [N]."""
     missing = [k for k in ("pred", "labels", *EXAM_FIELDS) if k not in result]
     if missing:
         raise ValueError(f"segmentation result lacks {missing}")
@@ -162,7 +172,8 @@ def evaluate_segmentation(result: Mapping) -> dict:
         raise ValueError(f"pred {pred.shape} and labels {truth.shape} must both be [N, 9, T, H, W]")
     n = len(pred)
     eids = np.asarray(result.get("eid", np.arange(n))).astype(str)
-    labelled = np.asarray(result["plane_mask"], bool) & np.asarray(result["label_mask"], bool)
+    label_mask = frame_label_mask(result["label_mask"], truth.shape[:3])
+    labelled = np.asarray(result["plane_mask"], bool)[:, :, None] & label_mask
     per_exam = [exam_scores(pred[i], truth[i], labelled[i], result["pixel_spacing"][i])
                 for i in range(n)]  # fmt: skip
     out = {"num_exams": n}
@@ -183,7 +194,9 @@ def evaluate_segmentation(result: Mapping) -> dict:
     failures = 0
     for i in range(n):
         exam = {"eid": eids[i], **{k: np.asarray(result[k][i]) for k in EXAM_FIELDS}}
-        from_truth, from_pred = _phenotypes(exam, truth[i]), _phenotypes(exam, pred[i])
+        exam["label_mask"] = label_mask[i]
+        from_truth = _phenotypes(exam, truth[i])
+        from_pred = _phenotypes(exam, pred[i], cardiac_phases({**exam, "labels": truth[i]}))
         nan_row = np.full(layout.NUM_PHENOTYPES, np.nan, np.float32)
         failures += from_pred is None and from_truth is not None
         true.append(nan_row if from_truth is None else from_truth)
@@ -226,18 +239,25 @@ def _pm(s: Mapping) -> str:
 
 
 def overlay_rows(result: Mapping, index: int, images=None) -> list[tuple]:
-    """(label, image, truth, pred) rows of exam `index` at ED (frame 0) and ES (the truth's
-    minimum LV blood pool frame): la_2ch, la_4ch and the middle short-axis slice."""
+    """(label, image, truth, pred) rows of exam `index` at ED and ES (frame 0 and the
+    truth's minimum LV blood pool frame; with labels on some frames only, the truth's
+    labelled ED and ES, `phenotypes.cardiac_phases`): la_2ch, la_4ch and the middle
+    short-axis slice, where labelled at that frame."""
     truth, pred = result["labels"][index], result["pred"][index]
-    labelled = np.asarray(result["plane_mask"][index]) & np.asarray(result["label_mask"][index])
-    lv = np.count_nonzero(truth[list(layout.SHORT_AXIS_PLANES)] == layout.LV_BLOOD_POOL,
-                          axis=(0, 2, 3))  # fmt: skip
-    es = int(np.argmin(np.where(lv > 0, lv, np.iinfo(np.int64).max))) if lv.any() else 0
+    plane_mask = np.asarray(result["plane_mask"][index], bool)
+    label_mask = frame_label_mask(result["label_mask"][index], truth.shape[:2])
+    phases = cardiac_phases({"labels": truth, "label_mask": label_mask, "plane_mask": plane_mask})
+    if phases is None:  # every frame labelled (or no short axis): ED is frame 0
+        lv = np.count_nonzero(truth[list(layout.SHORT_AXIS_PLANES)] == layout.LV_BLOOD_POOL,
+                              axis=(0, 2, 3))  # fmt: skip
+        es = int(np.argmin(np.where(lv > 0, lv, np.iinfo(np.int64).max))) if lv.any() else 0
+        phases = (0, es)
+    labelled = plane_mask[:, None] & label_mask
     rows = []
     for plane in (layout.LA_2CH, layout.LA_4CH, layout.SHORT_AXIS_PLANES[2]):
-        if not labelled[plane]:
-            continue
-        for frame, phase in ((0, "ED"), (es, "ES")):
+        for frame, phase in zip(phases, ("ED", "ES"), strict=True):
+            if not labelled[plane, frame]:
+                continue
             image = None if images is None else images[plane, frame] / 255.0
             rows.append((f"{layout.PLANE_NAMES[plane]} {phase}", image, truth[plane, frame],
                          pred[plane, frame]))  # fmt: skip

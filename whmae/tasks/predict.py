@@ -14,8 +14,9 @@ predict_phenotypes -> eid str [N]; columns tuple[str] (K); pred float32 [N, K] i
   checkpoint_step int (the step read from a workdir: by default the best val step).
 predict_segmentation -> eid [N]; pred uint8 [N, 9, T, H, W] (argmax class, always one of
   the plane's `layout.PLANE_CLASSES`: the model masks the others; planes the model does
-  not segment are 0); labels uint8 [N, 9, T, H, W]; label_mask bool [N, 9]
-  (labelled AND segmented by the model: the planes to score); plane_mask bool [N, 9];
+  not segment are 0); labels uint8 [N, 9, T, H, W]; label_mask bool [N, 9, T]
+  (labelled AND segmented by the model: the planes and frames to score); plane_mask bool
+  [N, 9];
   pixel_spacing float32 [N, 9, 2]; slice_spacing float32 [N]; frame_duration float32 [N].
 """
 
@@ -289,7 +290,8 @@ def predict_segmentation(
         rows["pred"].append(full)
         for k in keep:
             rows[k].append(np.asarray(batch[k]))
-        rows["label_mask"][-1] = rows["label_mask"][-1].astype(bool) & segmented
+        label_mask = rows["label_mask"][-1].astype(bool)  # [B, 9, T] (schema 1: broadcast)
+        rows["label_mask"][-1] = label_mask & segmented.reshape(-1, *(1,) * (label_mask.ndim - 2))
     out = {k: np.concatenate(v) for k, v in rows.items()}
     out["eid"] = out["eid"].astype(str)
     if step is not None:

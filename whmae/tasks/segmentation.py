@@ -34,7 +34,8 @@ patch (pt, ph, pw):
     `predict_segmentation` and `whmae-segment` (argmax) never predict them.
 Loss: cross-entropy + (1 - mean soft Dice of the foreground classes the model's planes
 can hold, each class over the planes that can hold it, summed over the batch), both over
-labelled (`label_mask`) and acquired (`plane_mask`) planes only.
+the labelled (`label_mask`, per plane and frame: ACDC / M&Ms label only ED and ES) frames
+of acquired (`plane_mask`) planes only; other frames' logits get no gradient.
 """
 
 from __future__ import annotations
@@ -431,13 +432,14 @@ class SegmentationModel(nnx.Module):
 
 
 def segmentation_loss_values(logits, labels, weight, allowed=None) -> tuple[jax.Array, dict]:
-    """Dice + CE of logits [B, S, T, H, W, 6] vs labels int [B, S, T, H, W] over planes
-    with weight [B, S] (1 = labelled and acquired, 0 = excluded); allowed [S, 6] bool:
-    the classes each plane can hold (default: all).
+    """Dice + CE of logits [B, S, T, H, W, 6] vs labels int [B, S, T, H, W] over the
+    (plane, frame) images with weight [B, S, T] (1 = labelled and acquired, 0 = excluded;
+    a per-plane [B, S] applies to every frame); allowed [S, 6] bool: the classes each plane
+    can hold (default: all).
 
-    CE: mean over the voxels of included planes (a voxel labelled with a class its plane
+    CE: mean over the voxels of included images (a voxel labelled with a class its plane
     cannot hold is left out). Dice: per foreground class that some plane can hold, over
-    the included planes that can hold it, summed over the batch's voxels,
+    the included images of the planes that can hold it, summed over the batch's voxels,
     (2 I + e) / (|P| + |G| + e) with softmax P; loss = CE + 1 - mean Dice.
     Returns (loss, {"ce", "dice"}).
     """
@@ -451,12 +453,14 @@ def segmentation_loss_values(logits, labels, weight, allowed=None) -> tuple[jax.
     lse = jax.nn.logsumexp(logits, axis=-1)
     probs = jnp.exp(logits - lse[..., None])
     onehot = labels[..., None] == jnp.arange(NUM_CLASSES)
-    w = weight.astype(jnp.float32)[:, :, None, None, None]
-    # A voxel counts for CE where its plane is included and can hold its label.
+    b, _, t = labels.shape[:3]
+    w = weight.astype(jnp.float32)
+    w = jnp.broadcast_to(w[:, :, None] if w.ndim == 2 else w, (b, s, t))[..., None, None]
+    # A voxel counts for CE where its image is included and its plane can hold its label.
     label_ok = jnp.asarray(allowed)[jnp.arange(s)[None, :, None, None, None], labels]
     label_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-    voxels = math.prod(labels.shape[2:])
-    ce = jnp.sum((lse - label_logit) * w * label_ok) / jnp.maximum(jnp.sum(w) * voxels, 1.0)
+    pixels = math.prod(labels.shape[3:])
+    ce = jnp.sum((lse - label_logit) * w * label_ok) / jnp.maximum(jnp.sum(w) * pixels, 1.0)
     plane_weight = w[..., None] * jnp.asarray(allowed, jnp.float32)[None, :, None, None, None]
     probs = probs * plane_weight
     axes = tuple(range(5))
@@ -468,9 +472,13 @@ def segmentation_loss_values(logits, labels, weight, allowed=None) -> tuple[jax.
 
 
 def plane_weights(batch, planes: Sequence[int]) -> jax.Array:
-    """[B, S] float: label_mask & plane_mask of the model's planes."""
+    """[B, S, T] float: label_mask & plane_mask of the model's planes, per frame ([B, S]
+    for a per-plane label_mask [B, 9])."""
     planes = np.asarray(planes)
-    return (batch["label_mask"][:, planes] & batch["plane_mask"][:, planes]).astype(jnp.float32)
+    label_mask, plane_mask = batch["label_mask"][:, planes], batch["plane_mask"][:, planes]
+    if label_mask.ndim == 3:
+        plane_mask = plane_mask[:, :, None]
+    return (label_mask & plane_mask).astype(jnp.float32)
 
 
 def segmentation_loss(model, batch, key):
