@@ -3,7 +3,7 @@
     python benchmarks/bench_input.py --num-exams 64 --out bench_input.json
 
 Both loaders read the same phantom exams at paper resolution (9 x 50 x 128 x 128):
-  grain  whmae.data.pipeline.make_pipeline: uint8 images + plane_mask, batched, once with
+  grain  whmae.data.dataset.pipeline.make_pipeline: uint8 images + plane_mask, batched, once with
          no reader threads (single-threaded) and once with reader threads.
   naive  what the authors' Dataset does per item: np.load of one compressed .npz per
          subject (float32 images, int labels, [H, W, S, T] as the reference stores them),
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data import phantom, quantize, shards
-from whmae.data.generate import generate_dataset
-from whmae.data.pipeline import make_pipeline, num_examples
+from whmae.data import quantize
+from whmae.data.dataset import shards
+from whmae.data.dataset.pipeline import make_pipeline, num_examples
+from whmae.data.synthetic import phantom
+from whmae.data.synthetic.generate import generate_dataset
 
 VIEWS = ("la_2ch", "la_3ch", "la_4ch") + ("short_axis",) * 6
 

@@ -60,9 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ukbb_fixtures import make_exam_folder, write_phenotype_csv  # noqa: E402
 
-from whmae.data import dicom_exam, nifti_io, records, shards  # noqa: E402
-from whmae.data.nifti_exam import preprocess_exam  # noqa: E402
-from whmae.data.prepare import prepare_dataset  # noqa: E402
+from whmae.data.dataset import records, shards  # noqa: E402
+from whmae.data.ingest import dicom_exam, nifti_io  # noqa: E402
+from whmae.data.ingest.nifti_exam import preprocess_exam  # noqa: E402
+from whmae.data.ingest.prepare import prepare_dataset  # noqa: E402
 
 
 def build_cohort(store: Path, cohort: Path, exams: int, unique: int) -> Path:
@@ -109,7 +110,7 @@ def _inflaters() -> dict:
 _MALLOC_PROBE = """
 import resource, sys, time
 from pathlib import Path
-from whmae.data.nifti_exam import preprocess_exam
+from whmae.data.ingest.nifti_exam import preprocess_exam
 from whmae.data.worker_pool import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()

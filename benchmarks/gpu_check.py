@@ -306,7 +306,7 @@ def correctness_batches(steps: int, batch: int, size: int, frames: int) -> list[
     0-2 planes at random (fixed seed): the variable-length attention path is exercised."""
     import numpy as np
 
-    from whmae.data.phantom import PhantomConfig, make_exam
+    from whmae.data.synthetic.phantom import PhantomConfig, make_exam
 
     config = PhantomConfig(size=size, frames=frames, seed=0)
     exams = [make_exam(config, i) for i in range(16)]
@@ -700,7 +700,7 @@ def _pipeline_alone(data_dir, batch: int, workers: int, buffered: int) -> tuple[
     """The loop's own pipeline without the model: exams/s over max(8, buffered) batches
     after the first `buffered` (made ahead while the workers start), and one host batch
     for the copy measurement."""
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     it = make_pipeline(
         data_dir,

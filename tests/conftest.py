@@ -37,8 +37,8 @@ def random_exam(index: int, frames: int = 4, size: int = 16) -> dict:
 
 @pytest.fixture(scope="session")
 def random_dataset(tmp_path_factory):
-    """(path, exams by eid) of 41 random exams in 3 shards, written with whmae.data.shards."""
-    from whmae.data.shards import finalize_dataset, write_shard
+    """(path, exams by eid) of 41 random exams in 3 shards, written by dataset.shards."""
+    from whmae.data.dataset.shards import finalize_dataset, write_shard
 
     out = tmp_path_factory.mktemp("random_dataset")
     exams = [random_exam(i) for i in range(41)]
@@ -54,7 +54,7 @@ TINY_DATASET = {"num_exams": 24, "size": 32, "frames": 10, "seed": 0, "num_shard
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """Path of a phantom dataset: 24 exams, images [9, 10, 32, 32], seed 0, 2 shards."""
-    from whmae.data.generate import generate_dataset
+    from whmae.data.synthetic.generate import generate_dataset
 
     out = tmp_path_factory.mktemp("tiny_dataset")
     generate_dataset(out, **TINY_DATASET, workers=1, progress=False, figure=False)

@@ -25,8 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from ukbb_fixtures import LONG_AXIS_VIEWS, make_exam_folder
 
-from whmae.data import phantom_planes
-from whmae.data.phantom import PhantomConfig, sample_subject
+from whmae.data.synthetic import phantom_planes
+from whmae.data.synthetic.phantom import PhantomConfig, sample_subject
 
 _LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 LONG_AXIS_DESCRIPTIONS = {

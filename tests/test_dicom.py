@@ -1,4 +1,4 @@
-"""DICOM input (whmae.data.dicom_exam): UK Biobank zips and DICOM folders give the record the
+"""DICOM input (whmae.data.ingest.dicom_exam): UK Biobank zips and DICOM folders give the record the
 NIfTI route gives for the same phantom heart; broken series are named."""
 
 import json
@@ -10,9 +10,10 @@ import pytest
 from dicom_fixtures import make_dicom_exam, without_segmentations
 
 from whmae import layout
-from whmae.data import prepare, records
-from whmae.data.dicom_exam import DicomExam, is_dicom_folder, open_exam
-from whmae.data.nifti_exam import ExamError, NiftiFolder, preprocess_exam
+from whmae.data.dataset import records
+from whmae.data.ingest import prepare
+from whmae.data.ingest.dicom_exam import DicomExam, is_dicom_folder, open_exam
+from whmae.data.ingest.nifti_exam import ExamError, NiftiFolder, preprocess_exam
 
 OPTIONS = {"frames": 20, "size": 40}
 FIELDS = ("images", "labels", "plane_mask", "label_mask", "pixel_spacing", "phenotypes")

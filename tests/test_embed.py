@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from whmae import embed as embed_cli
-from whmae.data.pipeline import make_pipeline
-from whmae.data.splits import SPLITS
+from whmae.data.dataset.pipeline import make_pipeline
+from whmae.data.dataset.splits import SPLITS
 from whmae.embed import embed_dataset, local_data_mesh, make_embed_fn, parse_planes
 from whmae.model.io import load_model, save_model
 from whmae.model.mae import MAEConfig, MaskedAutoencoder, embeddings, tiny_config

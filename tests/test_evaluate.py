@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from whmae import layout
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.evaluate import __main__ as cli
 from whmae.evaluate import phenotypes, reconstruction, report, representation, segmentation
 from whmae.evaluate.metrics import regression_stats

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.finetune import finetune, finetune_task
 from whmae.layout import PAPER_PHENOTYPES, phenotype_index
 from whmae.model.io import load_config, save_model

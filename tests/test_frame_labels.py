@@ -14,9 +14,10 @@ import pytest
 from ukbb_fixtures import keep_label_frames, make_exam_folder, roll_frames, write_phenotype_csv
 
 from whmae import layout
-from whmae.data import prepare, records
-from whmae.data.generate import generate_dataset
-from whmae.data.nifti_exam import preprocess_exam, resample_time
+from whmae.data.dataset import records
+from whmae.data.ingest import prepare
+from whmae.data.ingest.nifti_exam import preprocess_exam, resample_time
+from whmae.data.synthetic.generate import generate_dataset
 from whmae.evaluate import segmentation
 from whmae.phenotypes import cardiac_phases, phenotypes_from_exam
 

@@ -9,11 +9,11 @@ import pytest
 from conftest import TINY_DATASET
 
 from whmae import layout
-from whmae.data import records
-from whmae.data.generate import RefusedError, generate_dataset, main, shard_indices
-from whmae.data.phantom import PhantomConfig, default_fov_mm, make_exam, sample_population
-from whmae.data.pipeline import make_pipeline
-from whmae.data.splits import SPLITS
+from whmae.data.dataset import records
+from whmae.data.dataset.pipeline import make_pipeline
+from whmae.data.dataset.splits import SPLITS
+from whmae.data.synthetic.generate import RefusedError, generate_dataset, main, shard_indices
+from whmae.data.synthetic.phantom import PhantomConfig, default_fov_mm, make_exam, sample_population
 
 SMALL = {"num_exams": 6, "size": 16, "frames": 4, "seed": 1, "num_shards": 3}
 
@@ -178,7 +178,7 @@ def test_fields_of_view_and_groups_are_recorded(tmp_path, capsys):
 def test_a_dataset_of_an_older_phantom_is_refused(tmp_path):
     out = tmp_path / "old"
     out.mkdir()
-    old = {"generator": "whmae.data.phantom", "schema_version": records.SCHEMA_VERSION,
+    old = {"generator": "whmae.data.synthetic.phantom", "schema_version": records.SCHEMA_VERSION,
            **SMALL}  # fmt: skip
     (out / "generate_args.json").write_text(json.dumps(old))
     with pytest.raises(RefusedError, match="'phantom_version': \\(None, 2\\)"):

@@ -52,7 +52,7 @@ def mae_run(tiny_dataset, tmp_path_factory):
 
 def _per_exam_mean_mse(data_dir: str, batches: int = 8) -> float:
     """MSE of predicting each exam's mean intensity everywhere (its pixel variance)."""
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     it = make_pipeline(data_dir, "train", batch_size=4, seed=1, fields=("images", "plane_mask"))
     errors = []

@@ -388,7 +388,7 @@ def test_view_sincos_tiny_model_trains_with_the_train_step():
     the reconstruction loss of the tiny matrix-shaped model."""
     import ml_collections
 
-    from whmae.data.phantom import PhantomConfig, make_exam
+    from whmae.data.synthetic.phantom import PhantomConfig, make_exam
     from whmae.train.mesh import logical_rules, make_mesh
     from whmae.train.optim import make_optimizer
     from whmae.train.step import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -1,4 +1,4 @@
-"""Reading and preprocessing one UK Biobank-layout exam folder (whmae.data.nifti_exam)."""
+"""Reading and preprocessing one UK Biobank-layout exam folder (whmae.data.ingest.nifti_exam)."""
 
 import gzip
 import shutil
@@ -17,8 +17,8 @@ from ukbb_fixtures import (
 )
 
 from whmae import layout
-from whmae.data import label_maps, nifti_io
-from whmae.data.nifti_exam import (
+from whmae.data.ingest import label_maps, nifti_io
+from whmae.data.ingest.nifti_exam import (
     IDENTITY_ORIENTATION,
     MAX_REPAIRED_FRACTION,
     ORIENTATION_VERSION,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from whmae import layout, phenotypes
-from whmae.data import phantom, phantom_heart
+from whmae.data.synthetic import phantom, phantom_heart
 
 CONFIG = phantom.PhantomConfig(size=48, frames=8, seed=3)
 HEALTHY_RANGES = {  # UK Biobank healthy adults, about mean +- 3.5 sd (men and women pooled)

@@ -11,9 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from whmae.data import pipeline, records, shards
-from whmae.data.records import RecordError
-from whmae.data.splits import split_of
+from whmae.data.dataset import pipeline, records, shards
+from whmae.data.dataset.records import RecordError
+from whmae.data.dataset.splits import split_of
 
 ALL = ("eid", *records.EXAM_FIELDS)
 EIDS = {"fields": ("eid",)}

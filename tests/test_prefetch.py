@@ -2,7 +2,7 @@
 
 import pytest
 
-from whmae.data import nifti_io, prepare
+from whmae.data.ingest import nifti_io, prepare
 
 
 def test_prefetched_asks_for_each_folder_once_and_depth_exams_ahead(monkeypatch):

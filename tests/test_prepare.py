@@ -15,9 +15,10 @@ from ukbb_fixtures import (
 )
 
 from whmae import layout
-from whmae.data import prepare, qc, records, shards
-from whmae.data.nifti_exam import ORIENTATION_VERSION, preprocess_exam, restore_labels
-from whmae.data.splits import split_of
+from whmae.data.dataset import records, shards
+from whmae.data.dataset.splits import split_of
+from whmae.data.ingest import prepare, qc
+from whmae.data.ingest.nifti_exam import ORIENTATION_VERSION, preprocess_exam, restore_labels
 from whmae.phenotypes import phenotypes_from_segmentations
 
 GOOD = {  # eid: (phantom index, matrix, frames, slices, header time unit)
@@ -458,7 +459,7 @@ def test_a_dying_worker_rejects_only_its_exam():
 
 
 def test_the_training_pipeline_reads_the_prepared_dataset(prepared):
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     out, _ = prepared
     exams = read_exams(out)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import random_exam
 
-from whmae.data import lookup, pipeline, quantize, records, shards
-from whmae.data.records import RecordError
-from whmae.data.splits import SPLITS, split_of
+from whmae.data import lookup, quantize
+from whmae.data.dataset import pipeline, records, shards
+from whmae.data.dataset.records import RecordError
+from whmae.data.dataset.splits import SPLITS, split_of
 from whmae.layout import PHENOTYPE_COLUMNS
 
 
@@ -236,7 +237,7 @@ def test_quantize_error_within_half_a_level():
 
 def test_quantisation_cost_on_a_phantom_exam():
     """The documented bound on real (rendered float) phantom images."""
-    from whmae.data import phantom
+    from whmae.data.synthetic import phantom
 
     config = phantom.PhantomConfig(size=32, frames=6, seed=0)
     subject = phantom.sample_subject(config, 0)

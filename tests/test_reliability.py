@@ -254,7 +254,7 @@ def dataset_copy(random_dataset, tmp_path):
 
 
 def _first_train_shard(data_dir):
-    from whmae.data.records import split_paths
+    from whmae.data.dataset.records import split_paths
 
     return split_paths(data_dir, "train")[0]
 
@@ -266,8 +266,8 @@ def test_truncated_or_empty_shard_is_named_when_the_dataset_opens(
 ):
     import json
 
-    from whmae.data.pipeline import make_pipeline
-    from whmae.data.records import INFO_FILE, RecordError
+    from whmae.data.dataset.pipeline import make_pipeline
+    from whmae.data.dataset.records import INFO_FILE, RecordError
 
     if not sizes_recorded:  # a dataset written before the sizes were recorded
         info = json.loads((dataset_copy / INFO_FILE).read_text())
@@ -289,8 +289,8 @@ def test_truncated_or_empty_shard_is_named_when_the_dataset_opens(
 
 
 def test_overwritten_bytes_in_a_shard_name_the_file_and_record(dataset_copy):
-    from whmae.data.pipeline import make_pipeline
-    from whmae.data.records import RecordError
+    from whmae.data.dataset.pipeline import make_pipeline
+    from whmae.data.dataset.records import RecordError
 
     shard = _first_train_shard(dataset_copy)
     size = os.path.getsize(shard)
@@ -330,7 +330,7 @@ def test_grain_workers_die_when_the_training_process_is_killed(random_dataset):
 
     script = (
         "import sys, time\n"
-        "from whmae.data.pipeline import make_pipeline\n"
+        "from whmae.data.dataset.pipeline import make_pipeline\n"
         "it = make_pipeline(sys.argv[1], 'train', batch_size=2, fields=('eid',), worker_count=2)\n"
         "next(it)\n"
         "print('ready', flush=True)\n"
@@ -376,7 +376,7 @@ def test_batches_in_flight_left_in_dev_shm_by_a_killed_process_group_are_removed
 
     script = (
         "import sys, time\n"
-        "from whmae.data.pipeline import make_pipeline\n"
+        "from whmae.data.dataset.pipeline import make_pipeline\n"
         "it = make_pipeline(sys.argv[1], 'train', batch_size=2, fields=('images',),\n"
         "                   worker_count=2, prefetch_batches=4)\n"
         "next(it)\n"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.finetune import finetune
 from whmae.layout import LA_2CH, LA_3CH, LA_4CH, NUM_CLASSES, NUM_PLANES, PLANE_CLASSES
 from whmae.model.io import save_model

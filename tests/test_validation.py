@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.pretrain import pretrain_task
 from whmae.tasks.config import load_config_file
 from whmae.train.checkpoint import CHECKPOINT_DIR, Checkpointer, checkpoint_step

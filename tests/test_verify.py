@@ -10,8 +10,8 @@ import shutil
 import pytest
 from conftest import random_exam
 
-from whmae.data import shards, verify
-from whmae.data.records import INFO_FILE, RecordError, read_dataset_info, split_paths
+from whmae.data.dataset import shards, verify
+from whmae.data.dataset.records import INFO_FILE, RecordError, read_dataset_info, split_paths
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def _train_shard(data_dir):
 
 
 def test_truncated_shard_named_by_verify_and_when_opening(dataset, capsys):
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     shard = _train_shard(dataset)
     size = os.path.getsize(shard)
@@ -124,7 +124,7 @@ def test_missing_shard_file_and_missing_marker(dataset, capsys):
 
 
 def test_old_dataset_without_sizes_is_accepted_and_still_checked_record_by_record(dataset, capsys):
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     _make_old(dataset)
     rc, lines, _ = _verify(capsys, dataset)

@@ -119,7 +119,7 @@ def test_pool_and_pipeline_remove_orphaned_segments_at_start(
     import os
 
     from whmae.data import worker_pool
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     shm = tmp_path / "shm"
     shm.mkdir()

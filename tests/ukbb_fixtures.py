@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 
 from whmae import layout
-from whmae.data import phantom_planes
-from whmae.data.label_maps import SHORT_AXIS_MAPS
-from whmae.data.phantom import (
+from whmae.data.ingest.label_maps import SHORT_AXIS_MAPS
+from whmae.data.synthetic import phantom_planes
+from whmae.data.synthetic.phantom import (
     PhantomConfig,
     render_planes,
     render_short_axis_stack,

@@ -191,7 +191,7 @@ def run_demo(
 ) -> dict:  # fmt: skip
     """Every stage of the demo under `profile` (a name or a `demo_profiles.Profile`);
     num_exams / steps / workers override the profile's. Returns demo_summary.json's dict."""
-    from whmae.data.generate import generate_dataset
+    from whmae.data.synthetic.generate import generate_dataset
     from whmae.demo_profiles import get_profile
     from whmae.evaluate import claims as paper
     from whmae.evaluate import phenotypes, reconstruction, report, representation, segmentation

@@ -29,7 +29,7 @@ class Profile:
     image_size: int
     frames: int
     # Field of view (mm) of the short-axis and long-axis planes; None: the phantom's
-    # default for the size (`whmae.data.phantom.default_fov_mm`: the heart fills about as
+    # default for the size (`whmae.data.synthetic.phantom.default_fov_mm`: the heart fills about as
     # much of the image as in the real 128 x 128 crop at ~1.8 mm, 140 / 210 mm at 32 px).
     short_axis_fov_mm: float | None
     long_axis_fov_mm: float | None

@@ -43,8 +43,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from whmae.data.pipeline import make_pipeline, num_examples
-from whmae.data.splits import SPLITS
+from whmae.data.dataset.pipeline import make_pipeline, num_examples
+from whmae.data.dataset.splits import SPLITS
 from whmae.layout import NUM_PLANES, PLANE_NAMES
 from whmae.model.config import MAEConfig
 from whmae.model.io import apply_split, load_config, load_model, resolve_checkpoint

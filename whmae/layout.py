@@ -4,7 +4,7 @@ One home for every convention shared by the phantom, the dataset format, the
 model and the evaluation code (see ../shared/SPEC.md).
 
 An *exam* is a dict of numpy arrays (the dataset record; see
-`whmae.data.records`):
+`whmae.data.dataset.records`):
 
   eid             str                     subject id
   images          uint8   [S=9, T, H, W]  min-max over the exam, x255, rounded
@@ -17,13 +17,13 @@ An *exam* is a dict of numpy arrays (the dataset record; see
   slice_spacing   float32 []              mm between consecutive short-axis slices
   frame_duration  float32 []              seconds per frame
 
-The split (train/val/test) is a function of the eid (`whmae.data.splits`).
+The split (train/val/test) is a function of the eid (`whmae.data.dataset.splits`).
 
 Labels are available per plane AND frame (record schema 2): a (plane, frame) whose
 label_mask is False has no truth, its `labels` are 0 and mean nothing, and the
 segmentation loss and metrics leave it out. UK Biobank segments every frame of a
 labelled plane; ACDC and M&Ms segment only end-diastole and end-systole, so their exams
-have two labelled frames (`whmae.data.label_maps.labelled_frames`). Schema-1 records
+have two labelled frames (`whmae.data.ingest.label_maps.labelled_frames`). Schema-1 records
 hold a per-plane label_mask [9]: decoding broadcasts it to every frame, [9, T]
 (`frame_label_mask` does the same for arrays made elsewhere).
 """

@@ -35,7 +35,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from whmae import layout
-from whmae.data.nifti_exam import ExamError, nifti_name, preprocess_exam, restore_labels
+from whmae.data.ingest.nifti_exam import ExamError, nifti_name, preprocess_exam, restore_labels
 from whmae.phenotypes import phenotypes_from_exam
 from whmae.tasks.predict import input_geometry, load_finetuned
 from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step

@@ -171,7 +171,7 @@ def training_check(losses, mean_guess: float, *, window: int = LOSS_WINDOW) -> d
 
 
 def _split_phenotypes(data_dir, split: str) -> np.ndarray:
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     batches = [b["phenotypes"] for b in make_pipeline(
         data_dir, split, batch_size=256, fields=("phenotypes",), shuffle=False, num_epochs=1,

@@ -69,7 +69,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from whmae import layout
-from whmae.data.pipeline import make_pipeline, num_examples
+from whmae.data.dataset.pipeline import make_pipeline, num_examples
 from whmae.evaluate import plots
 from whmae.evaluate.metrics import mse, psnr, ssim, summary
 from whmae.evaluate.phenotypes import parse_models

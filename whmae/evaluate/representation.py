@@ -76,7 +76,7 @@ import numpy as np
 from scipy import stats
 
 from whmae import layout
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.embed import embed_dataset
 from whmae.evaluate import plots
 from whmae.evaluate.metrics import summary
@@ -475,7 +475,7 @@ def run(models: Mapping[str, str], data_dir, split: str, out_dir, *, controls=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from whmae.data.splits import SPLITS
+    from whmae.data.dataset.splits import SPLITS
     from whmae.train.checkpoint import CHECKPOINT_STEP_HELP, parse_checkpoint_step
 
     parser = argparse.ArgumentParser(prog="whmae-evaluate representation",

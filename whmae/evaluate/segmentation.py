@@ -265,7 +265,7 @@ def overlay_rows(result: Mapping, index: int, images=None) -> list[tuple]:
 
 
 def _dataset_images(data_dir, split: str, eids) -> dict[str, np.ndarray]:
-    from whmae.data.pipeline import make_pipeline
+    from whmae.data.dataset.pipeline import make_pipeline
 
     wanted, found = set(eids), {}
     for batch in make_pipeline(data_dir, split, batch_size=8, fields=("eid", "images"),

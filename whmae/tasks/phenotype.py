@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from whmae.data.pipeline import dataset_info
+from whmae.data.dataset.pipeline import dataset_info
 from whmae.layout import PHENOTYPE_COLUMNS, phenotype_index
 from whmae.model.config import MAEConfig
 from whmae.model.masking import drop_planes, restore_order

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from whmae.data.pipeline import make_pipeline, num_examples
+from whmae.data.dataset.pipeline import make_pipeline, num_examples
 from whmae.embed import local_data_mesh
 from whmae.layout import NUM_PLANES
 from whmae.model.io import apply_split, resolve_checkpoint

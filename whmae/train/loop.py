@@ -40,7 +40,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from whmae.cli import UsageError, check_batch_splits
-from whmae.data.pipeline import make_pipeline
+from whmae.data.dataset.pipeline import make_pipeline
 from whmae.train import distributed
 from whmae.train.checkpoint import CHECKPOINT_DIR, Checkpointer, PreemptionWatcher
 from whmae.train.mesh import logical_rules, make_mesh

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from whmae.data.pipeline import dataset_info, make_pipeline
+from whmae.data.dataset.pipeline import dataset_info, make_pipeline
 from whmae.train.step import batch_shardings_for, global_batch, make_eval_step
 
 log = logging.getLogger(__name__)

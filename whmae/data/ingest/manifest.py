@@ -4,7 +4,7 @@ Per shard (written after the shard's records, the manifest last):
   geometry-{shard}-of-{n}.jsonl  one line per written exam: `nifti_exam` geometry, by eid
   manifest-{shard}-of-{n}.jsonl  one line per subject: written (split, absent planes,
                                  warnings) or rejected (reason naming the file)
-A shard is complete when its marker (`whmae.data.shards`) and its manifest exist.
+A shard is complete when its marker (`whmae.data.dataset.shards`) and its manifest exist.
 `finalize_prepared` merges them: dataset_info.json, manifest.jsonl (every subject) and
 prepare_summary.json (exams found = written + rejected, each rejection with its reason,
 the written exams' warnings and absent planes counted by kind with the first few eids:
@@ -18,8 +18,8 @@ import json
 import re
 from pathlib import Path
 
-from whmae.data import shards
-from whmae.data.records import RecordError
+from whmae.data.dataset import shards
+from whmae.data.dataset.records import RecordError
 from whmae.files import write_text_atomic
 
 MANIFEST_FILE = "manifest.jsonl"

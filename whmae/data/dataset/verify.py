@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from whmae.data.records import INFO_FILE, READABLE_SCHEMAS, RecordError, decode_exam
+from whmae.data.dataset.records import INFO_FILE, READABLE_SCHEMAS, RecordError, decode_exam
 
 _READ_BATCH = 8  # records read at once (exams of 128x128x50 are ~15 MB decoded)
 

@@ -1,4 +1,4 @@
-"""Writing a dataset: shards of exam records (`whmae.data.records`) and dataset_info.json.
+"""Writing a dataset: shards of exam records (`whmae.data.dataset.records`) and dataset_info.json.
 
 A shard becomes visible only when complete: its files are written under temporary names,
 flushed to disk, renamed, and then its JSON marker (eids, phenotypes, image shape, and each
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.records import (
+from whmae.data.dataset.records import (
     EXAM_FIELDS,
     INFO_FILE,
     SCHEMA_VERSION,
@@ -27,14 +27,14 @@ from whmae.data.records import (
     shard_file,
     shard_marker,
 )
-from whmae.data.splits import SPLITS, check_split
-from whmae.data.splits import split_of as _hash_split
+from whmae.data.dataset.splits import SPLITS, check_split
+from whmae.data.dataset.splits import split_of as _hash_split
 from whmae.files import write_text_atomic
 from whmae.layout import NUM_PHENOTYPES, PHENOTYPE_COLUMNS
 
 # What a shard marker (and dataset_info.json's "file_info") records of each finished file:
 # its record count, and (markers written since issue 17; older ones lack them) its size in
-# bytes and the CRC32 of its contents. Checked by `whmae.data.verify`; the size also by
+# bytes and the CRC32 of its contents. Checked by `whmae.data.dataset.verify`; the size also by
 # `records.read_dataset_info` whenever a dataset is opened.
 FILE_CHECKS = ("num_examples", "bytes", "crc32")
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.label_maps import CONVENTIONS, labelled_frames
-from whmae.data.nifti_exam import load_segmentation
-from whmae.data.nifti_io import ExamError, frame_duration_seconds
-from whmae.data.subjects import list_subjects, read_phenotype_csv
+from whmae.data.ingest.label_maps import CONVENTIONS, labelled_frames
+from whmae.data.ingest.nifti_exam import load_segmentation
+from whmae.data.ingest.nifti_io import ExamError, frame_duration_seconds
+from whmae.data.ingest.subjects import list_subjects, read_phenotype_csv
 from whmae.files import write_text_atomic
 from whmae.layout import PHENOTYPE_COLUMNS
 from whmae.phenotypes import phenotypes_from_segmentations

@@ -4,7 +4,7 @@
         --workers 16 [--shard i/n] [--exams-per-shard 128] [--split-file splits.csv]
 
 Input: each `<root>/<eid>/` folder holds NIfTI files (sa.nii.gz, la_*.nii.gz, seg_*) or
-DICOM (UK Biobank's field 20208 / 20209 zips, or .dcm series; `whmae.data.dicom_exam`),
+DICOM (UK Biobank's field 20208 / 20209 zips, or .dcm series; `whmae.data.ingest.dicom_exam`),
 told apart per folder (`--input auto`, the default) or forced (`--input nifti|dicom`).
 `--dicom-views FILE`: JSON list of [regular expression, view or null] pairs tried on
 SeriesDescription before the UK Biobank defaults.
@@ -19,7 +19,7 @@ manifest sidecar exist; a rerun skips complete shards. When every shard is compl
 prepare_summary.json are written.
 
 Beside the ArrayRecord shards (same schema as the phantom's) each shard writes geometry
-and manifest sidecars (`whmae.data.manifest`): every subject is written or rejected with
+and manifest sidecars (`whmae.data.ingest.manifest`): every subject is written or rejected with
 its reason.
 A folder without a CSV row is written with all-NaN phenotypes and flagged (pretraining
 needs no phenotypes, and missing values are masked in the loss), or rejected with
@@ -41,7 +41,7 @@ Short stacks: a short-axis stack of `nifti_exam.MIN_SHORT_AXIS_SLICES` (3) to 5 
 written with the planes it does not reach absent (manifest "absent", counted by kind on
 the console); fewer slices reject the exam.
 
-Splits: by default the hash of the eid (`whmae.data.splits`). `--split-file` (CSV with
+Splits: by default the hash of the eid (`whmae.data.dataset.splits`). `--split-file` (CSV with
 columns eid,split; split one of train/val/test) fixes them instead (e.g. the paper's
 lists). A written subject missing from that file falls back to the hash split and is
 flagged (manifest: split_source "hash" and a warning; summary: split_sources), so a
@@ -69,10 +69,10 @@ import sys
 import time
 from pathlib import Path
 
-from whmae.data import records
-from whmae.data.dicom_exam import INPUTS, check_series_views, open_exam
-from whmae.data.label_maps import CONVENTIONS
-from whmae.data.manifest import (
+from whmae.data.dataset import records
+from whmae.data.ingest.dicom_exam import INPUTS, check_series_views, open_exam
+from whmae.data.ingest.label_maps import CONVENTIONS
+from whmae.data.ingest.manifest import (
     MANIFEST_FILE,
     SUMMARY_FILE,
     complete_shards,
@@ -81,16 +81,16 @@ from whmae.data.manifest import (
     format_flags,
     write_prepared_shard,
 )
-from whmae.data.nifti_exam import (
+from whmae.data.ingest.nifti_exam import (
     LA_CROPS,
     ORIENTATION_VERSION,
     SLICE_RULES,
     ExamError,
     preprocess_exam,
 )
-from whmae.data.nifti_io import prefetch_files
-from whmae.data.split_file import SplitAssignment, read_split_file
-from whmae.data.subjects import list_subjects, read_phenotype_csv
+from whmae.data.ingest.nifti_io import prefetch_files
+from whmae.data.ingest.split_file import SplitAssignment, read_split_file
+from whmae.data.ingest.subjects import list_subjects, read_phenotype_csv
 from whmae.data.worker_pool import (
     WorkerPool,
     count_done,

@@ -1,6 +1,6 @@
 """`--split-file` of whmae-prepare: fixed train/val/test lists (CSV eid,split) by subject.
 
-Subjects the file does not list keep the hash split of `whmae.data.splits`; prepare.py
+Subjects the file does not list keep the hash split of `whmae.data.dataset.splits`; prepare.py
 decides whether such a subject is flagged or rejected.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from whmae.data.splits import SPLITS, split_of
+from whmae.data.dataset.splits import SPLITS, split_of
 
 
 def read_split_file(path) -> dict[str, str]:

@@ -22,13 +22,13 @@ import os
 import grain
 import numpy as np
 
-from whmae.data.records import RecordError, decode_exam, read_dataset_info, split_paths
+from whmae.data.dataset.records import RecordError, decode_exam, read_dataset_info, split_paths
 
 __all__ = ["dataset_info", "make_pipeline", "num_examples"]
 
 
 def dataset_info(data_dir: str | os.PathLike) -> dict:
-    """The checked dataset_info.json of a dataset directory (see whmae.data.records)."""
+    """The checked dataset_info.json of a dataset directory (see whmae.data.dataset.records)."""
     return read_dataset_info(data_dir)
 
 

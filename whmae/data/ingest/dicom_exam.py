@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.nifti_exam import SEGMENTATION_FILE, NiftiFolder
-from whmae.data.nifti_io import ExamError, nifti_name, read_nifti
+from whmae.data.ingest.nifti_exam import SEGMENTATION_FILE, NiftiFolder
+from whmae.data.ingest.nifti_io import ExamError, nifti_name, read_nifti
 
 DEFAULT_SERIES_VIEWS: tuple[tuple[str, str | None], ...] = (
     (r"inlinevf", None),  # the scanner's inline analysis (derived, contours burned in)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data import records, shards
-from whmae.data.phantom_heart import GROUP_NAMES, GROUPS
-from whmae.data.splits import SPLITS
+from whmae.data.dataset import records, shards
+from whmae.data.dataset.splits import SPLITS
+from whmae.data.synthetic.phantom_heart import GROUP_NAMES, GROUPS
 from whmae.files import write_text_atomic
 from whmae.layout import (
     LV_BLOOD_POOL,
@@ -59,7 +59,7 @@ def shard_indices(num_exams: int, shard: int, num_shards: int) -> range:
 
 
 def _write_phantom_shard(out_dir, arguments: dict, shard: int, progress=None) -> dict:
-    from whmae.data.phantom import make_exam
+    from whmae.data.synthetic.phantom import make_exam
 
     config = _phantom_config(arguments)
     indices = shard_indices(arguments["num_exams"], shard, arguments["num_shards"])
@@ -69,7 +69,7 @@ def _write_phantom_shard(out_dir, arguments: dict, shard: int, progress=None) ->
 
 
 def _phantom_config(arguments: dict):
-    from whmae.data.phantom import PhantomConfig
+    from whmae.data.synthetic.phantom import PhantomConfig
 
     return PhantomConfig(
         size=arguments["size"],
@@ -172,7 +172,7 @@ def generate_dataset(
     """
     from tqdm import tqdm
 
-    from whmae.data.phantom import default_fov_mm
+    from whmae.data.synthetic.phantom import default_fov_mm
 
     if num_exams < 1 or num_shards < 1 or num_shards > num_exams:
         raise ValueError(f"need 1 <= num_shards ({num_shards}) <= num_exams ({num_exams})")
@@ -184,7 +184,7 @@ def generate_dataset(
             raise ValueError(f"{view}_fov_mm must be > 0, got {fov}")
     out_dir = Path(out_dir)
     arguments = {
-        "generator": "whmae.data.phantom",
+        "generator": "whmae.data.synthetic.phantom",
         "phantom_version": PHANTOM_VERSION,
         "schema_version": records.SCHEMA_VERSION,
         "num_exams": num_exams,
@@ -226,7 +226,7 @@ def generate_dataset(
 def exam_group(eid: str, seed: int) -> str:
     """Population group of a phantom exam ("phantom-<seed>-<index>"; "unknown" otherwise),
     redrawn from its seed and index (cheap: no heart is built)."""
-    from whmae.data.phantom import PhantomConfig, sample_population
+    from whmae.data.synthetic.phantom import PhantomConfig, sample_population
 
     prefix, _, index = eid.rpartition("-")
     if prefix != f"phantom-{seed}" or not index.isdigit():

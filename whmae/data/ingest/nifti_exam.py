@@ -42,7 +42,7 @@ such decision is listed in geometry["absent"] / geometry["warnings"].
 
 Where the views come from: a source with `name(stem)`, `has(stem)` and `read(stem)` ->
 (array (X, Y, Z, T), header dict of `nifti_io.read_nifti`'s keys). `NiftiFolder` reads
-the folder's .nii.gz files (`whmae.data.nifti_io`); `whmae.data.dicom_exam.DicomExam`
+the folder's .nii.gz files (`whmae.data.ingest.nifti_io`); `whmae.data.ingest.dicom_exam.DicomExam`
 assembles the same arrays and headers from DICOM series. Everything after reading
 (checks, repair, slice choice, crops, resampling, quantisation) is this module's, whatever
 the source.
@@ -56,8 +56,8 @@ from pathlib import Path
 import numpy as np
 
 from whmae import layout
-from whmae.data import label_maps
-from whmae.data.nifti_io import ExamError, frame_duration_seconds, nifti_name, read_nifti
+from whmae.data.ingest import label_maps
+from whmae.data.ingest.nifti_io import ExamError, frame_duration_seconds, nifti_name, read_nifti
 from whmae.data.quantize import quantize_planes
 
 LONG_AXIS_VIEWS = ("la_2ch", "la_3ch", "la_4ch")  # planes 0, 1, 2
@@ -441,7 +441,7 @@ def preprocess_exam(
     """Read and preprocess one exam folder: (exam dict of `whmae.layout`, geometry dict).
 
     folder: an exam folder of NIfTI files, or a source (`exam_source`, e.g. a DICOM exam
-    from `whmae.data.dicom_exam.open_exam`). phenotype_row: float [18] in
+    from `whmae.data.ingest.dicom_exam.open_exam`). phenotype_row: float [18] in
     `layout.PHENOTYPE_COLUMNS` order (NaN = missing), or None (all missing). Raises
     ExamError (message names the file) if the exam must be rejected.
     """

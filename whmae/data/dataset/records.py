@@ -14,7 +14,7 @@ Why ArrayRecord written directly, not a TFDS builder:
     fields not asked for (labels during pretraining) are never touched.
   Records are read back with `grain.sources.ArrayRecordDataSource`, written with
   `group_size:1` so that reading one exam decompresses one exam (true random access).
-  Writing shards and merging them into a dataset: `whmae.data.shards`.
+  Writing shards and merging them into a dataset: `whmae.data.dataset.shards`.
 
 Images are uint8: `whmae.data.quantize` (its precision cost is measured there).
 
@@ -31,7 +31,7 @@ Dataset layout (a directory):
 
 Opening a dataset (`read_dataset_info`) compares each shard file's size with the one
 recorded when it was written (a stat, no reading): a truncated or grown shard fails at once,
-named. `whmae-dataset verify DIR` (whmae.data.verify) also checks checksums and decodes
+named. `whmae-dataset verify DIR` (whmae.data.dataset.verify) also checks checksums and decodes
 every record.
 """
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whmae.data.splits import check_split
+from whmae.data.dataset.splits import check_split
 from whmae.layout import NUM_CLASSES, NUM_PHENOTYPES, NUM_PLANES
 
 # 2: label_mask is per plane and frame, [9, T] (1: per plane, [9]). Schema-1 records and

@@ -19,9 +19,9 @@ import math
 import numpy as np
 
 from whmae import layout
-from whmae.data import phantom_heart, phantom_planes
-from whmae.data.phantom_heart import Heart, ellipsoid_distance
-from whmae.data.phantom_planes import PlaneGeometry, Planning
+from whmae.data.synthetic import phantom_heart, phantom_planes
+from whmae.data.synthetic.phantom_heart import Heart, ellipsoid_distance
+from whmae.data.synthetic.phantom_planes import PlaneGeometry, Planning
 
 # Classes each plane keeps (UK Biobank: seg_sa 1-3, seg_la_2ch LA, seg_la_4ch LA and RA).
 _VIEW_CLASSES = {
