@@ -1,6 +1,6 @@
 """The demo's two profiles: one pipeline, sized for a 2-core CPU or for one big GPU.
 
-  cpu  (default) `whmae-demo`: ~21 min on 2 idle CPU cores (measured; 15 is the aim).
+  cpu  (default) `whmae-demo`: ~18 min on 2 idle CPU cores (measured 17.5; 15 is the aim).
        Small images and the tiny MAE (`configs/pretrain.py:tiny`): enough to check that
        every stage learns and to put each claim beside a control, not to reach the
        paper's figures.
