@@ -60,3 +60,35 @@ def test_train_step_compiles_for_tpu_v5e_2x2(tmp_path):
     assert state["fsdp"] <= 1.2 / CHIPS * state["dp"], state
     assert rows["fsdp"]["collective_bytes"]["all-gather"] > 0, rows["fsdp"]
     assert (tmp_path / "tpu_compile.md").read_text().count("| v5e-4 |") == 2
+
+
+def _load_tpu_compile():
+    spec = importlib.util.spec_from_file_location(
+        "tpu_compile", ROOT / "benchmarks" / "tpu_compile.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    saved = dict(os.environ)  # the script sets its own JAX/libtpu defaults on import
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+@pytest.mark.parametrize("largest", [1, 2, 3, 7, 8, 100, 255, 256])
+def test_batch_search_finds_the_largest_batch_that_fits(largest):
+    """The max-batch search (doubling, then bisection) against a memory limit it cannot
+    see: it must return exactly the largest fitting batch, never one that does not fit,
+    in O(log limit) compiles."""
+    search = _load_tpu_compile().largest_batch
+    asked = []
+
+    def fits(batch):
+        asked.append(batch)
+        return batch <= largest
+
+    found, compiles = search(fits, 1, True, 256)
+    assert found == largest and compiles == len(asked)
+    assert all(b <= 256 for b in asked) and compiles <= 2 * 8 + 1
+    assert search(fits, 1, False, 256) == (0, 0)  # the first batch already does not fit
