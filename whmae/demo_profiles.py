@@ -4,6 +4,9 @@
        Small images and the tiny MAE (`configs/pretrain.py:tiny`): enough to check that
        every stage learns and to put each claim beside a control, not to reach the
        paper's figures.
+  cpu-fast  `whmae-demo --profile cpu-fast`: the cpu profile with a single-head encoder
+       and no per-plane segmentation refinement: 14.2 min measured, and two claims fewer
+       hold (see CPU_FAST).
   gpu  `whmae-demo --profile gpu`: the paper's resolution (128 x 128, 50 frames, patches
        25 x 8 x 8 = 4608 tokens per exam) and an MAE wide enough to learn (D 385, 6 + 2
        blocks), sized for <= 20 min on one H100/H200 (stage times are printed and written
@@ -58,13 +61,36 @@ CPU = Profile(
     long_axis_fov_mm=None,
     steps={"pretrain": 800, "phenotype": 300, "segmentation": 300},
     # The same attention as "xla", computed in query chunks with a custom backward
-    # (`whmae.model.chunked_attention`): on 2 cores the fine-tuning steps ran 1.15-1.3x
-    # faster than with XLA's attention (segmentation 0.81 -> 0.71 s, phenotype 0.31 ->
-    # 0.23 s per step, measured side by side).
+    # (`whmae.model.chunked_attention`): on 2 cores XLA's attention takes 1.38x the
+    # chunked one's step time in pretraining, 1.34x in phenotype fine-tuning and 0.98x in
+    # segmentation, where the decoder dominates (`benchmarks/bench_demo_steps.py`, one
+    # run per stage, variants alternating).
     model={"attention_impl": "chunked"},
     pretrain={},
     phenotype={"data.batch_size": 32, "data.plane_dropout": PLANE_DROPOUT},
     segmentation={},
+)
+
+# The cpu profile made cheaper to fit 15 min on 2 cores, at a measured cost in what it
+# learns. Its two cuts, timed side by side (`benchmarks/bench_demo_steps.py --run R
+# --data runs/demo/data`: the real train steps alternating in one process; s/step,
+# cpu -> cut):
+# * one attention head of 33 instead of three of 11 (the tiny width 33 = 1 + 32 divides
+#   only into 1, 3, 11 or 33 heads): the three heads' [B, 3, 289, 289] softmax work and
+#   dim-11 matmuls cost more than the rest of the tiny ViT; pretraining 0.049 -> 0.026
+#   (0.54x), phenotype fine-tuning 0.236 -> 0.169 (0.72x), segmentation 0.99x;
+# * no per-plane refinement in the UNETR head: its [B * 9, T, H, W, c] tensors cost ~25 %
+#   of the segmentation step whatever c is (another run: refine 4: 0.756 s, 2: 0.754,
+#   1: 0.722, 0: 0.582); segmentation 0.824 -> 0.630 (0.76x).
+# Measured whole (2 idle cores, the same seeds and steps as the cpu profile): 14.2 min
+# against 17.5, and 13 of 20 claims against 15: the single-head encoder's linear probe no
+# longer beats the untrained one on LASV (0.81x vs 0.80x the mean guess), and left atrium
+# Dice falls to 0.844 (< 0.85) without the refinement. The default stays `cpu`.
+CPU_FAST = dataclasses.replace(
+    CPU,
+    name="cpu-fast",
+    model={**CPU.model, "num_heads": 1, "decoder_num_heads": 1},
+    segmentation={**CPU.segmentation, "model.unetr.refine_channels": 0},
 )
 
 # One H100/H200, bf16. Per training exam the MAE below costs ~0.47 TFLOP (encoder 1383
@@ -117,7 +143,7 @@ GPU = Profile(
     },  # fmt: skip
 )
 
-PROFILES = {p.name: p for p in (CPU, GPU)}
+PROFILES = {p.name: p for p in (CPU, CPU_FAST, GPU)}
 
 
 def get_profile(name: str) -> Profile:
