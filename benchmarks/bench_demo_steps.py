@@ -31,15 +31,16 @@ import numpy as np
 
 def default_variants(stage: str) -> dict[str, dict]:
     """The cpu profile, its chunked attention reverted, then the cpu-fast profile's two
-    cuts (`whmae.demo_profiles.CPU_FAST`) one at a time and together."""
+    cuts (`whmae.demo_profiles.CPU_FAST`, read from it) one at a time and together."""
+    from whmae.demo_profiles import CPU, CPU_FAST
+
     model = "model." if stage == "pretrain" else "model.encoder."
-    one_head = {f"{model}num_heads": 1}
-    if stage == "pretrain":
-        one_head["model.decoder_num_heads"] = 1
+    one_head = {model + k: v for k, v in CPU_FAST.model.items() if CPU.model.get(k) != v}
     variants = {"profile": {}, "attention xla": {f"{model}attention_impl": None},
                 "one head": one_head}  # fmt: skip
     if stage == "segmentation":
-        no_refine = {"model.unetr.refine_channels": 0}
+        no_refine = {k: v for k, v in CPU_FAST.segmentation.items()
+                     if CPU.segmentation.get(k) != v}  # fmt: skip
         variants["no refine"] = no_refine
         variants["cpu-fast"] = one_head | no_refine
     return variants
