@@ -34,6 +34,11 @@ def test_demo_writes_the_report_and_checks_every_claim(tmp_path):
     assert set(summary["stage_seconds"]) == {
         "generate", "pretrain", "phenotype", "segmentation", "evaluate"
     }  # fmt: skip
+    # The runs and evaluations went through demo_jobs: each timed, each with its log.
+    assert summary["jobs"] >= 1 and len(summary["run_seconds"]) == 14
+    assert all(seconds > 0 for seconds in summary["run_seconds"].values())
+    logs = {p.stem for p in (tmp_path / "logs").glob("*.log")}
+    assert logs == {n.replace("/", "_") for n in summary["run_seconds"]} or summary["jobs"] == 1
     assert summary["overrides"]["mae_probe"]["model.pool"] == "tokens"
     assert "model.pool" not in summary["overrides"]["resnet50"]
     assert summary["overrides"]["random_probe"]["init.pretrained"] is False

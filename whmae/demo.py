@@ -22,6 +22,16 @@ that best step (`--checkpoint-step best`), and the report names it per run besid
 runs' val curves side by side (pretraining all / SA-only / LA-only, the phenotype
 models, the segmentation models; `whmae.evaluate.runs`).
 
+The runs and evaluations that do not need each other go side by side (`--jobs`, default
+one per core: `whmae.demo_jobs`), each in its own process pinned to its own cores, its
+output in `runs/demo/logs/<stage>_<run>.log`; the console shows each job's start and end
+and, every minute, each running job's newest progress line. The tiny models leave a
+2-core machine a third idle when one run has both cores, so on 2 cores two runs at a time
+finish sooner than one. What needs what: the fine-tuned, probed and UNETR runs on the
+pretrained encoder wait for the all-planes MAE; the baselines from scratch and the
+random-init probe need only the data; each evaluation waits for the runs it reads
+(`demo_jobs()` below). A job that fails stops the others and names its log.
+
 Every training stage resumes from its checkpoint, so rerunning an interrupted demo
 continues where it stopped; finished stages are skipped.
 """
@@ -185,25 +195,141 @@ def finetune_configs(stage: str, profile, steps: dict, data_dir, pretrained: str
         yield name, config
 
 
+def _job_setup(cache: str) -> None:
+    use_compilation_cache(Path(cache))
+    from whmae.train.loop import quiet_library_logs
+
+    quiet_library_logs()
+
+
+def pretrain_job(name: str, profile, steps: int, data_dir: str, workdir: str, cache: str) -> None:
+    """One pretraining run of the demo (a `demo_jobs` target)."""
+    from whmae.pretrain import pretrain_task
+
+    _job_setup(cache)
+    config = _pretrain_config(PRETRAIN_RUNS[name], profile)
+    _train(config, Path(workdir), steps, Path(data_dir), pretrain_task)
+
+
+def finetune_job(
+    stage: str, name: str, profile, steps: dict, data_dir: str, pretrained: str, workdir: str,
+    cache: str,
+) -> None:  # fmt: skip
+    """One fine-tuning run of the demo (a `demo_jobs` target)."""
+    from whmae.finetune import finetune
+
+    _job_setup(cache)
+    configs = dict(finetune_configs(stage, profile, steps, data_dir, pretrained))
+    finetune(configs[name], workdir)
+
+
+def evaluate_job(task: str, runs: str, data_dir: str, out_dir: str, cache: str) -> None:
+    """One of the demo's test-split evaluations (a `demo_jobs` target)."""
+    from whmae.evaluate import phenotypes, reconstruction, representation, segmentation
+
+    _job_setup(cache)
+    runs_dir, split, out = Path(runs), "test", Path(out_dir) / task
+    if task == "reconstruction":
+        models = {name: str(runs_dir / name) for name in PRETRAIN_RUNS}
+        reconstruction.run(models, data_dir, split, out, progress=False)
+    elif task == "phenotypes":
+        phenotypes.run({name: str(runs_dir / name) for name in PHENOTYPE_RUNS}, data_dir,
+                       split, out)  # fmt: skip
+    elif task == "segmentation":
+        segmentation.run({name: str(runs_dir / name) for name in SEGMENTATION_RUNS}, data_dir,
+                         split, out)  # fmt: skip
+    elif task == "representation":
+        pretrained = str(runs_dir / "mae_all_planes")
+        representation.run(
+            {"mae_all_planes": pretrained}, data_dir, split, out,
+            controls={REPRESENTATION_CONTROL: pretrained},
+            tsne_splits=("train", "val", "test"), regression=str(runs_dir / "mae_finetuned"),
+            progress=False,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown demo evaluation {task!r}")
+
+
+# What each evaluation reads.
+EVALUATION_INPUTS = {
+    "reconstruction": [f"pretrain/{name}" for name in PRETRAIN_RUNS],
+    "phenotypes": [f"phenotype/{name}" for name in PHENOTYPE_RUNS],
+    "segmentation": [f"segmentation/{name}" for name in SEGMENTATION_RUNS],
+    "representation": ["pretrain/mae_all_planes", "phenotype/mae_finetuned"],
+}
+# The order jobs start in when several are ready (longest first, and the all-planes MAE
+# early: three fine-tuning runs wait for it).
+JOB_ORDER = (
+    "pretrain/mae_all_planes", "segmentation/unetr_scratch", "segmentation/unetr_mae",
+    "phenotype/mae_finetuned", "phenotype/vit_scratch", "phenotype/resnet50",
+    "phenotype/mae_probe", "phenotype/random_probe", "pretrain/mae_sa_only",
+    "pretrain/mae_la_only", "evaluate/representation", "evaluate/reconstruction",
+    "evaluate/phenotypes", "evaluate/segmentation",
+)  # fmt: skip
+
+
+def demo_jobs(profile, steps: dict, data_dir: Path, runs: Path, eval_dir: Path, cache: str):
+    """Every training run and evaluation of the demo as `demo_jobs.Job`s, with what each
+    needs finished first, in JOB_ORDER."""
+    from whmae.demo_jobs import Job
+
+    pretrained = str(runs / "mae_all_planes")
+    jobs = {}
+    for name in PRETRAIN_RUNS:
+        jobs[f"pretrain/{name}"] = Job(f"pretrain/{name}", "whmae.demo:pretrain_job", dict(
+            name=name, profile=profile, steps=steps["pretrain"], data_dir=str(data_dir),
+            workdir=str(runs / name), cache=cache))  # fmt: skip
+    for stage in ("phenotype", "segmentation"):
+        for name, config in finetune_configs(stage, profile, steps, data_dir, pretrained):
+            after = ("pretrain/mae_all_planes",) if config.init.pretrained else ()
+            kwargs = dict(stage=stage, name=name, profile=profile, steps=steps,
+                          data_dir=str(data_dir), pretrained=pretrained,
+                          workdir=str(runs / name), cache=cache)  # fmt: skip
+            jobs[f"{stage}/{name}"] = Job(f"{stage}/{name}", "whmae.demo:finetune_job",
+                                          kwargs, after)  # fmt: skip
+    for task, inputs in EVALUATION_INPUTS.items():
+        kwargs = dict(task=task, runs=str(runs), data_dir=str(data_dir),
+                      out_dir=str(eval_dir), cache=cache)  # fmt: skip
+        jobs[f"evaluate/{task}"] = Job(f"evaluate/{task}", "whmae.demo:evaluate_job", kwargs,
+                                       tuple(inputs))  # fmt: skip
+    missing = set(jobs) ^ set(JOB_ORDER)
+    if missing:
+        raise AssertionError(f"JOB_ORDER and the demo's runs differ: {sorted(missing)}")
+    return [jobs[name] for name in JOB_ORDER]
+
+
+def _stage_spans(times: dict) -> dict:
+    """Per stage: seconds from its first job's start to its last job's end (stages overlap
+    when jobs run side by side)."""
+    spans: dict = {}
+    for name, t in times.items():
+        stage = name.split("/")[0]
+        lo, hi = spans.get(stage, (t["start_s"], t["end_s"]))
+        spans[stage] = (min(lo, t["start_s"]), max(hi, t["end_s"]))
+    return {stage: round(hi - lo, 1) for stage, (lo, hi) in spans.items()}
+
+
 def run_demo(
     workdir, *, profile="cpu", num_exams: int | None = None, steps: dict | None = None,
-    workers: int | None = None,
+    workers: int | None = None, jobs: int | None = None,
 ) -> dict:  # fmt: skip
     """Every stage of the demo under `profile` (a name or a `demo_profiles.Profile`);
-    num_exams / steps / workers override the profile's. Returns demo_summary.json's dict."""
+    num_exams / steps / workers override the profile's; `jobs`: runs side by side (None:
+    the profile's `max_jobs`, else one per core, `demo_jobs.default_slots`). Returns
+    demo_summary.json's dict."""
     from whmae.data.synthetic.generate import generate_dataset
+    from whmae.demo_jobs import default_slots, run_jobs
     from whmae.demo_profiles import get_profile
     from whmae.evaluate import claims as paper
-    from whmae.evaluate import phenotypes, reconstruction, report, representation, segmentation
-    from whmae.finetune import finetune
-    from whmae.pretrain import pretrain_task
-    from whmae.train.loop import quiet_library_logs
+    from whmae.evaluate import report
 
     profile = get_profile(profile) if isinstance(profile, str) else profile
     num_exams = profile.num_exams if num_exams is None else num_exams
     steps = {**profile.steps, **(steps or {})}
     if workers is None:
         workers = profile.generate_workers or min(os.cpu_count() or 1, 16)
+    if jobs is None:
+        jobs = profile.max_jobs or default_slots()
     workdir = Path(workdir)
     data_dir, runs, eval_dir = workdir / "data", workdir / "runs", workdir / "report"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +337,11 @@ def run_demo(
     summary: dict = {"workdir": str(workdir), "profile": profile.name, "steps": steps,
                      "num_exams": num_exams, "image_size": profile.image_size,
                      "frames": profile.frames, "model": profile.model,
-                     "compilation_cache": compilation_cache}  # fmt: skip
-    quiet_library_logs()
+                     "compilation_cache": compilation_cache, "jobs": jobs}  # fmt: skip
+    from whmae.train.loop import quiet_library_logs
 
+    quiet_library_logs()
+    start = time.perf_counter()
     with _Timer(summary, "generate"):
         generate_dataset(
             data_dir, num_exams, size=profile.image_size, frames=profile.frames,
@@ -222,20 +350,15 @@ def run_demo(
             long_axis_fov_mm=profile.long_axis_fov_mm,
         )  # fmt: skip
 
-    with _Timer(summary, "pretrain"):
-        for name, variant in PRETRAIN_RUNS.items():
-            print(f"-- {name}", file=sys.stderr)
-            config = _pretrain_config(variant, profile)
-            _train(config, runs / name, steps["pretrain"], data_dir, pretrain_task)
-
     pretrained = str(runs / "mae_all_planes")
-    for stage in ("phenotype", "segmentation"):
-        with _Timer(summary, stage):
-            for name, config in finetune_configs(stage, profile, steps, data_dir, pretrained):
-                print(f"-- {name}", file=sys.stderr)
-                if stage == "phenotype":
-                    summary.setdefault("overrides", {})[name] = phenotype_overrides(name, config)
-                finetune(config, str(runs / name))
+    for name, config in finetune_configs("phenotype", profile, steps, data_dir, pretrained):
+        summary.setdefault("overrides", {})[name] = phenotype_overrides(name, config)
+    print(f"\n== training and evaluation: {jobs} job(s) side by side ==", file=sys.stderr,
+          flush=True)  # fmt: skip
+    times = run_jobs(demo_jobs(profile, steps, data_dir, runs, eval_dir, compilation_cache),
+                     slots=jobs, log_dir=workdir / "logs")  # fmt: skip
+    summary["stage_seconds"].update(_stage_spans(times))
+    summary["run_seconds"] = {name: round(t["seconds"], 1) for name, t in times.items()}
 
     from whmae.train.checkpoint import checkpoint_step
 
@@ -243,36 +366,17 @@ def run_demo(
     summary["checkpoint_steps"] = {
         name: checkpoint_step(runs / name) for group in RUN_GROUPS.values() for name in group
     }
-    with _Timer(summary, "evaluate"):
-        data, split = str(data_dir), "test"
-        reconstruction.run(
-            {name: str(runs / name) for name in PRETRAIN_RUNS},
-            data, split, eval_dir / "reconstruction", progress=False,
-        )  # fmt: skip
-        phenotypes.run(
-            {name: str(runs / name) for name in PHENOTYPE_RUNS}, data, split,
-            eval_dir / "phenotypes",
-        )  # fmt: skip
-        segmentation.run(
-            {name: str(runs / name) for name in SEGMENTATION_RUNS}, data, split,
-            eval_dir / "segmentation",
-        )  # fmt: skip
-        representation.run(
-            {"mae_all_planes": pretrained}, data, split, eval_dir / "representation",
-            controls={REPRESENTATION_CONTROL: pretrained},
-            tsne_splits=("train", "val", "test"), regression=str(runs / "mae_finetuned"),
-            progress=False,
-        )  # fmt: skip
-        claims = paper.paper_claims(eval_dir)
-        (eval_dir / "claims.json").write_text(json.dumps(claims, indent=2))
-        groups = {title: {name: runs / name for name in group}
-                  for title, group in RUN_GROUPS.items()}  # fmt: skip
-        markdown = report.render_report([eval_dir], eval_dir, runs=groups)
-        ratios = paper.phenotype_ratio_markdown(report.read_task_metrics(eval_dir / "phenotypes"))
-        (eval_dir / "report.md").write_text(
-            markdown + "\n" + paper.claims_markdown(claims) + "\n" + ratios + "\n"
-            + stages_markdown(summary)
-        )  # fmt: skip
+    claims = paper.paper_claims(eval_dir)
+    (eval_dir / "claims.json").write_text(json.dumps(claims, indent=2))
+    groups = {title: {name: runs / name for name in group}
+              for title, group in RUN_GROUPS.items()}  # fmt: skip
+    markdown = report.render_report([eval_dir], eval_dir, runs=groups)
+    ratios = paper.phenotype_ratio_markdown(report.read_task_metrics(eval_dir / "phenotypes"))
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    (eval_dir / "report.md").write_text(
+        markdown + "\n" + paper.claims_markdown(claims) + "\n" + ratios + "\n"
+        + stages_markdown(summary)
+    )  # fmt: skip
 
     summary["claims_held"] = sum(c["holds"] for c in claims)
     summary["claims_void"] = sum(c["status"] == "void" for c in claims)
@@ -280,7 +384,7 @@ def run_demo(
     (eval_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(paper.claims_markdown(claims))
     print(ratios)
-    print(f"\nreport: {eval_dir / 'report.md'}")
+    print(f"\nreport: {eval_dir / 'report.md'} ({summary['total_seconds']:.0f} s in all)")
     return summary
 
 
@@ -289,6 +393,11 @@ def stages_markdown(summary: dict) -> str:
              f"{summary['image_size']}x{summary['image_size']}x{summary['frames']}; "
              f"steps: {summary['steps']}", ""]  # fmt: skip
     lines += [f"- {stage}: {seconds} s" for stage, seconds in summary["stage_seconds"].items()]
+    if summary.get("run_seconds"):
+        lines += ["", f"{summary.get('jobs', 1)} job(s) side by side (stages overlap); each "
+                  f"run's and evaluation's seconds: "
+                  + ", ".join(f"{n} {s}" for n, s in summary["run_seconds"].items())
+                  + f". In all: {summary.get('total_seconds')} s."]  # fmt: skip
     if summary.get("checkpoint_steps"):
         lines += ["", "Test figures come from each run's best val checkpoint: "
                   + ", ".join(f"{name} step {step}"
@@ -314,10 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/demo", help="data, runs and report go here")
     parser.add_argument(
         "--profile", default="cpu", choices=sorted(PROFILES),
-        help="cpu: ~18 min on 2 cores (measured); cpu-fast: 14 min, a cheaper model that "
-        "learns less (measured); gpu: paper resolution, one H100/H200",
+        help="cpu: ~13 min on 2 cores (measured); cpu-fast: a cheaper model that learns less "
+        "(measured); gpu: paper resolution, one H100/H200",
     )  # fmt: skip
     parser.add_argument("--num-exams", type=int, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--jobs", type=int, default=None,
+        help="training runs and evaluations side by side, each in its own process on its "
+        "own cores (default: the profile's, else one per core, at most 4; 1: one after "
+        "another in this process)",
+    )  # fmt: skip
     for stage in ("pretrain", "phenotype", "segmentation"):
         parser.add_argument(f"--{stage}-steps", type=int, default=None,
                             help="default: the profile's")  # fmt: skip
@@ -333,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     run_demo(
         args.workdir, profile=args.profile, num_exams=args.num_exams, steps=steps,
-        workers=args.workers,
+        workers=args.workers, jobs=args.jobs,
     )  # fmt: skip
     return 0
 

@@ -1,12 +1,13 @@
 """The demo's two profiles: one pipeline, sized for a 2-core CPU or for one big GPU.
 
-  cpu  (default) `whmae-demo`: ~18 min on 2 idle CPU cores (measured 17.5; 15 is the aim).
+  cpu  (default) `whmae-demo`: ~13 min on 2 idle CPU cores (measured 12.8 with two runs
+       side by side, `whmae.demo_jobs`; 16.9 one at a time, `--jobs 1`).
        Small images and the tiny MAE (`configs/pretrain.py:tiny`): enough to check that
        every stage learns and to put each claim beside a control, not to reach the
        paper's figures.
   cpu-fast  `whmae-demo --profile cpu-fast`: the cpu profile with a single-head encoder
-       and no per-plane segmentation refinement: 14.2 min measured, and two claims fewer
-       hold (see CPU_FAST).
+       and no per-plane segmentation refinement: 14.2 min against cpu's 17.5 measured with
+       the runs one at a time, and two claims fewer hold (see CPU_FAST).
   gpu  `whmae-demo --profile gpu`: the paper's resolution (128 x 128, 50 frames, patches
        25 x 8 x 8 = 4608 tokens per exam) and an MAE wide enough to learn (D 385, 6 + 2
        blocks), sized for <= 20 min on one H100/H200 (stage times are printed and written
@@ -44,6 +45,9 @@ class Profile:
     phenotype: dict[str, Any]
     segmentation: dict[str, Any]
     generate_workers: int | None = None  # None: min(cores, 16)
+    # Runs side by side (`whmae.demo_jobs`); None: one per core (at most 4). The gpu
+    # profile's runs share one accelerator, so they go one after another.
+    max_jobs: int | None = None
 
 
 # Every phenotype model (the baselines too) is fine-tuned with plane dropout: half the
@@ -82,7 +86,8 @@ CPU = Profile(
 # * no per-plane refinement in the UNETR head: its [B * 9, T, H, W, c] tensors cost ~25 %
 #   of the segmentation step whatever c is (another run: refine 4: 0.756 s, 2: 0.754,
 #   1: 0.722, 0: 0.582); segmentation 0.824 -> 0.630 (0.76x).
-# Measured whole (2 idle cores, the same seeds and steps as the cpu profile): 14.2 min
+# Measured whole (2 idle cores, the same seeds and steps as the cpu profile, the runs one
+# at a time as the demo then ran them): 14.2 min
 # against 17.5, and 13 of 20 claims against 15: the single-head encoder's linear probe no
 # longer beats the untrained one on LASV (0.81x vs 0.80x the mean guess), and left atrium
 # Dice falls to 0.844 (< 0.85) without the refinement. The default stays `cpu`.
@@ -99,6 +104,7 @@ CPU_FAST = dataclasses.replace(
 # the all-planes MAE (the single-view ones have fewer tokens).
 GPU = Profile(
     name="gpu",
+    max_jobs=1,
     num_exams=6000,
     image_size=128,
     frames=50,
