@@ -152,6 +152,35 @@ def test_beating_a_constant_baseline_is_void_and_never_held():
     assert "| LVM (g) |" in ratios and " *" in ratios  # resnet50 marked as not learned
 
 
+def test_a_win_must_be_beyond_the_paired_bootstrap_interval_and_a_tie_is_no_win():
+    # Exact differences: |error| 1 vs 3 on every exam -> MAE difference -2, interval [-2, -2].
+    metrics = phenotype_metrics(mae_finetuned=TARGET + 1.0, resnet50=TARGET + 3.0)
+    entry = phenotypes.paired_difference(metrics, "mae_finetuned", "resnet50", "LVM (g)")
+    assert entry["n"] == 200 and entry["mae_diff"] == pytest.approx(-2.0)
+    assert entry["ci95"] == pytest.approx([-2.0, -2.0])
+    back = phenotypes.paired_difference(metrics, "resnet50", "mae_finetuned", "LVM (g)")
+    assert back["mae_diff"] == pytest.approx(2.0) and back["ci95"] == pytest.approx([2.0, 2.0])
+    # A noisy difference: the interval is the bootstrap's, around the mean difference.
+    noisy = phenotype_metrics(mae_finetuned=GOOD, vit_scratch=WEAK)
+    entry = phenotypes.paired_difference(noisy, "mae_finetuned", "vit_scratch", "RVEF (%)")
+    diff = np.abs(GOOD[:, 1] - TARGET[:, 1]) - np.abs(WEAK[:, 1] - TARGET[:, 1])
+    assert entry["mae_diff"] == pytest.approx(diff.mean())
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))  # the normal approximation
+    assert entry["ci95"][0] == pytest.approx(diff.mean() - half, abs=0.3 * half)
+    assert entry["ci95"][1] == pytest.approx(diff.mean() + half, abs=0.3 * half)
+    # Lower MAE on every phenotype, but by less than the noise: tied, not held.
+    tiny = RNG.normal(0.0, 0.05, TARGET.shape)
+    tie = paper.baseline_claims(phenotype_metrics(mae_finetuned=GOOD, resnet50=GOOD + tiny))
+    (claim,) = tie
+    assert claim["status"] == "not held" and "0/5" in claim["evidence"]
+    assert "tied (interval holds 0)" in claim["evidence"] and "95 % CI" in claim["control"]
+    # Without paired differences (an older metrics.json) the comparison is void.
+    old = phenotype_metrics(mae_finetuned=GOOD, resnet50=WEAK)
+    del old["paired"]
+    (void,) = paper.baseline_claims(old)
+    assert void["status"] == "void" and "no paired test-exam difference" in void["evidence"]
+
+
 # ----------------------------------------------------------------- robustness
 def test_robustness_needs_reid_small_shift_and_a_better_shift_than_the_control():
     held = paper.robustness_claims(representation_metrics(model=(0.95, 0.2), control=(1.0, 0.4)))
@@ -245,7 +274,8 @@ def test_paper_claims_reads_every_task_and_counts_twenty(tmp_path):
         "representation": representation_metrics(),
     }  # fmt: skip
     for task, m in metrics.items():
-        version = representation.SCHEMA_VERSION if task in ("phenotypes", "representation") else 1
+        version = {"phenotypes": phenotypes.SCHEMA_VERSION,
+                   "representation": representation.SCHEMA_VERSION}.get(task, 1)  # fmt: skip
         write_metrics(tmp_path / task, {"task": task, "schema_version": version, **m})
     claims = paper.paper_claims(tmp_path)
     assert len(claims) == 20
@@ -256,5 +286,5 @@ def test_paper_claims_reads_every_task_and_counts_twenty(tmp_path):
     assert [c["status"] for c in claims].count("void") == 1
     write_metrics(tmp_path / "phenotypes", {"task": "phenotypes", "schema_version": 1,
                                             **metrics["phenotypes"]})  # fmt: skip
-    with pytest.raises(ValueError, match="schema_version 1, this code reads 2"):
+    with pytest.raises(ValueError, match="schema_version 1, this code reads 3"):
         paper.paper_claims(tmp_path)

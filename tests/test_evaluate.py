@@ -88,7 +88,13 @@ def test_phenotypes_cli_on_saved_predictions_writes_the_documented_json(tmp_path
     assert COMMON_KEYS <= set(metrics) and metrics["task"] == "phenotypes"
     assert set(metrics["models"]["good"]["columns"]["LVM (g)"]) == STATS_KEYS
     assert metrics["models"]["mean_guess"]["columns"]["LVM (g)"]["pearson_r"] is None
-    assert metrics["schema_version"] == phenotypes.SCHEMA_VERSION == 2
+    assert metrics["schema_version"] == phenotypes.SCHEMA_VERSION == 3
+    # Every pair of models once (first name before second), each column with its interval.
+    names = list(synthetic_predictions())
+    pairs = {(a, b) for a, inner in metrics["paired"].items() for b in inner}
+    assert pairs == {(a, b) for i, a in enumerate(names) for b in names[i + 1 :]}
+    first = metrics["paired"][names[0]][names[1]]["LVM (g)"]
+    assert set(first) == {"n", "mae_diff", "ci95"} and first["ci95"][0] <= first["ci95"][1]
     learning = metrics["models"]["good"]["learning"]
     assert learning["training"] is None and learning["learned"]  # an .npz has no training log
     assert set(learning["columns"]["LVM (g)"]) == {"pred_sd", "target_sd", "sd_ratio",

@@ -22,9 +22,12 @@ The claims (model names are the demo's, `whmae.demo`):
                (random_probe: the same probe on an untrained encoder). The paper's
                ratios (PAPER_MEAN_GUESS_RATIO) are printed beside it: the bar to aim at.
   baselines    the pretrained fine-tuned model (mae_finetuned) beats X (vit_scratch,
-               resnet50) on more than half of the phenotypes X learned; void when X
-               learned fewer than half of them (beating a model that predicts a constant
-               says nothing).
+               resnet50) on more than half of the phenotypes X learned, each by a margin
+               beyond noise: the 95 % paired bootstrap interval of MAE(mae_finetuned) -
+               MAE(X) over the test exams lies below 0 (`paired` of the phenotype
+               metrics); a difference whose interval holds 0 is a tie, not a win. Void
+               when X learned fewer than half of them (beating a model that predicts a
+               constant says nothing).
   segmentation UNETR on the pretrained encoder beats the same network from scratch
                (mean Dice over classes); its Dice per class reaches DICE_TARGETS; the
                LVEF / LVEDV of its segmentations are within LVEF_MAE_MAX points /
@@ -49,7 +52,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from whmae.evaluate.phenotypes import MEAN_GUESS, SPREAD_RATIO_MIN
+from whmae.evaluate.phenotypes import MEAN_GUESS, SPREAD_RATIO_MIN, paired_difference
 
 __all__ = [
     "BASELINE_LEARNED_FRACTION_MIN",
@@ -218,11 +221,20 @@ def baseline_claims(pheno: Mapping) -> list[dict]:
             continue
         valid = [c for c in columns if _learned(models, baseline, c)]
         unlearned = [c for c in columns if c not in valid]
-        wins = [c for c in valid if _learned(models, FINETUNED, c)
-                and _mae(models, FINETUNED, c) < _mae(models, baseline, c)]  # fmt: skip
-        void = len(valid) < BASELINE_LEARNED_FRACTION_MIN * len(columns)
+        diffs = {c: paired_difference(pheno, FINETUNED, baseline, c) for c in columns}
+        unpaired = [c for c in valid if not (diffs[c] and diffs[c]["ci95"])]
+        wins = [c for c in valid if c not in unpaired and _learned(models, FINETUNED, c)
+                and diffs[c]["ci95"][1] < 0]  # fmt: skip
+        ties = [c for c in valid if c not in unpaired and c not in wins
+                and diffs[c]["ci95"][0] <= 0 <= diffs[c]["ci95"][1]]  # fmt: skip
+        void = len(valid) < BASELINE_LEARNED_FRACTION_MIN * len(columns) or bool(unpaired)
         claim = f"the pretrained model ({FINETUNED}) beats {baseline} (phenotype MAE)"
-        if void:
+        if unpaired:
+            evidence = (
+                f"comparison void: no paired test-exam difference for {unpaired} "
+                "(phenotype metrics without `paired`: rerun whmae-evaluate phenotypes)"
+            )
+        elif void:
             why = ", ".join(f"{c}: {_why_not(models, baseline, c)}" for c in unlearned)
             evidence = (
                 f"comparison void: {baseline} did not learn {len(unlearned)}/{len(columns)} "
@@ -230,11 +242,15 @@ def baseline_claims(pheno: Mapping) -> list[dict]:
             )
         else:
             evidence = (
-                f"better on {len(wins)}/{len(valid)} phenotypes {baseline} learned: {wins}"
+                f"better beyond noise on {len(wins)}/{len(valid)} phenotypes {baseline} "
+                f"learned: {wins}; tied (interval holds 0) on {ties}"
                 + (f"; void on {unlearned} ({baseline} did not learn them)" if unlearned else "")
             )
-        control = f"{baseline} MAE vs {FINETUNED}'s: " + ", ".join(
+        head = f"{baseline} MAE vs {FINETUNED}'s ({FINETUNED} - {baseline} [95 % CI]): "
+        control = head + ", ".join(
             f"{c} {_f(_mae(models, baseline, c))} vs {_f(_mae(models, FINETUNED, c))}"
+            + (f" ({_f(diffs[c]['mae_diff'], 2)} [{_f(diffs[c]['ci95'][0], 2)}, "
+               f"{_f(diffs[c]['ci95'][1], 2)}])" if diffs[c] and diffs[c]["ci95"] else "")
             for c in columns
         )  # fmt: skip
         claims.append(_claim(claim, len(wins) > len(valid) / 2, evidence, control, void=void))

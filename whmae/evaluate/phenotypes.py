@@ -22,7 +22,7 @@ Learning checks (`learning_checks`): a model "did not learn" a phenotype when
   The training check needs a fine-tuning workdir (an .npz or a model object has no
   training log: `training` is null and only the spread decides).
 
-metrics.json (schema_version 2; 2 added `learning`):
+metrics.json (schema_version 3; 2 added `learning`, 3 `paired`):
   task "phenotypes", split, data_dir,
   columns      [str]                 every phenotype column evaluated (UK Biobank names)
   models       {name: {"num_exams": int, "columns": {column: STATS}, "learning": LEARNING}}
@@ -40,6 +40,12 @@ metrics.json (schema_version 2; 2 added `learning`):
                              "fell_below": bool} | null}
                learned = spread_ok and training.fell_below (when there is a log)
   plots        {name: {"scatter": file, "bland_altman": file}}  (PNGs beside the JSON)
+  paired       {a: {b: {column: {"n", "mae_diff", "ci95": [lo, hi]}}}} for every pair of
+               models a before b (in the order given): MAE(a) - MAE(b) over the exams both
+               predicted with a known target, and its 95 % paired bootstrap interval
+               (PAIRED_RESAMPLES resamples of those exams, seed 0): a difference whose
+               interval holds 0 is a tie at this test set's size (`paired_difference`
+               reads either order)
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ __all__ = [
     "MEAN_GUESS",
     "SCHEMA_VERSION",
     "SPREAD_RATIO_MIN",
+    "PAIRED_RESAMPLES",
     "evaluate_phenotypes",
+    "paired_difference",
     "learning_checks",
     "learning_summary",
     "learning_table",
@@ -75,7 +83,7 @@ __all__ = [
     "training_record",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MEAN_GUESS = "mean_guess"
 # A model whose predictions spread less than this fraction of the targets' SD did not
 # learn the phenotype: calibrated, that is r < 0.3 (< 9 % of the variance explained).
@@ -295,6 +303,53 @@ def learning_table(metrics: Mapping, *, markdown: bool = False) -> str:
     return format_table(header, rows, digits=2, markdown=markdown)
 
 
+# Bootstrap resamples of the test exams for the paired MAE differences' 95 % intervals.
+PAIRED_RESAMPLES = 2000
+
+
+def paired_mae_differences(models: Mapping[str, dict]) -> dict:
+    """`paired` of metrics.json (module docstring) for `_check`ed models."""
+    names = list(models)
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ma, mb = models[a], models[b]
+            _, ia, ib = np.intersect1d(ma["eid"], mb["eid"], return_indices=True)
+            per = {}
+            for ka, column in enumerate(ma["columns"]):
+                if column not in mb["columns"]:
+                    continue
+                kb = mb["columns"].index(column)
+                pa, ta = ma["pred"][ia, ka], ma["target"][ia, ka]
+                pb, tb = mb["pred"][ib, kb], mb["target"][ib, kb]
+                ok = np.isfinite(pa) & np.isfinite(ta) & np.isfinite(pb) & np.isfinite(tb)
+                diff = (np.abs(pa - ta) - np.abs(pb - tb))[ok]
+                if len(diff) < 2:
+                    per[column] = {"n": int(len(diff)), "mae_diff": None, "ci95": None}
+                    continue
+                draws = rng.integers(0, len(diff), (PAIRED_RESAMPLES, len(diff)))
+                lo, hi = np.percentile(diff[draws].mean(axis=1), [2.5, 97.5])
+                per[column] = {"n": int(len(diff)), "mae_diff": float(diff.mean()),
+                               "ci95": [float(lo), float(hi)]}  # fmt: skip
+            out.setdefault(a, {})[b] = per
+    return out
+
+
+def paired_difference(metrics: Mapping, a: str, b: str, column: str) -> dict | None:
+    """MAE(a) - MAE(b) on `column` with its 95 % interval, from metrics.json's `paired`
+    in either order; None when it was not computed."""
+    paired = metrics.get("paired") or {}
+    entry = (paired.get(a) or {}).get(b, {}).get(column)
+    if entry is not None:
+        return entry
+    entry = (paired.get(b) or {}).get(a, {}).get(column)
+    if entry is None or entry["mae_diff"] is None:
+        return entry
+    lo, hi = entry["ci95"]
+    return {"n": entry["n"], "mae_diff": -entry["mae_diff"], "ci95": [-hi, -lo]}
+
+
 def evaluate_phenotypes(
     results: Mapping[str, Mapping], training: Mapping[str, Mapping | None] | None = None
 ) -> dict:
@@ -325,7 +380,7 @@ def evaluate_phenotypes(
             for c, p, t in zip(guess["columns"], guess["pred"], guess["target"], strict=True)
         },  # fmt: skip
     }
-    return {"columns": guess["columns"], "models": out}
+    return {"columns": guess["columns"], "models": out, "paired": paired_mae_differences(models)}
 
 
 def phenotype_table(metrics: Mapping, *, markdown: bool = False) -> str:
