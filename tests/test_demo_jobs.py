@@ -170,3 +170,14 @@ def test_the_demos_jobs_wait_for_exactly_what_they_read(tmp_path):
     workdirs = [j.kwargs["workdir"] for j in jobs.values() if "workdir" in j.kwargs]
     assert len(workdirs) == len(set(workdirs)) == 10
     assert get_profile("gpu").max_jobs == 1
+
+
+def test_the_demo_command_ends_a_failed_job_in_one_line_and_exit_1(monkeypatch, capsys):
+    def failing_demo(*args, **kwargs):
+        raise JobFailed("phenotype/resnet50", Path("logs/phenotype_resnet50.log"), "OOM")
+
+    monkeypatch.setattr(demo, "run_demo", failing_demo)
+    assert demo.main(["--workdir", "unused"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("whmae-demo: demo job phenotype/resnet50 failed: OOM")
+    assert "logs/phenotype_resnet50.log" in line and "rerunning the same command" in line

@@ -446,10 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         for stage in ("pretrain", "phenotype", "segmentation")
         if (value := getattr(args, f"{stage}_steps")) is not None
     }
-    run_demo(
-        args.workdir, profile=args.profile, num_exams=args.num_exams, steps=steps,
-        workers=args.workers, jobs=args.jobs,
-    )  # fmt: skip
+    from whmae.demo_jobs import JobFailed
+
+    try:
+        run_demo(
+            args.workdir, profile=args.profile, num_exams=args.num_exams, steps=steps,
+            workers=args.workers, jobs=args.jobs,
+        )  # fmt: skip
+    except JobFailed as error:
+        print(f"whmae-demo: {error}; finished runs and checkpoints are kept, rerunning the "
+              "same command continues from them", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
