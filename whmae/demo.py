@@ -322,6 +322,7 @@ def run_demo(
     from whmae.demo_profiles import get_profile
     from whmae.evaluate import claims as paper
     from whmae.evaluate import report
+    from whmae.train.loop import quiet_library_logs
 
     profile = get_profile(profile) if isinstance(profile, str) else profile
     num_exams = profile.num_exams if num_exams is None else num_exams
@@ -338,8 +339,6 @@ def run_demo(
                      "num_exams": num_exams, "image_size": profile.image_size,
                      "frames": profile.frames, "model": profile.model,
                      "compilation_cache": compilation_cache, "jobs": jobs}  # fmt: skip
-    from whmae.train.loop import quiet_library_logs
-
     quiet_library_logs()
     start = time.perf_counter()
     with _Timer(summary, "generate"):

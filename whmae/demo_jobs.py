@@ -12,8 +12,8 @@ console gets one line per job started and finished, and every `heartbeat_s` seco
 newest progress line of each running job. A job that fails, or a process that dies (out
 of memory, SIGKILL), stops the whole set: the running jobs are killed (their newest
 checkpoints stay, so a rerun continues), and `JobFailed` names the job, its log and the
-error's last line. The children die with the parent (Linux: PR_SET_PDEATHSIG), so a
-killed demo leaves no orphans.
+error's last line. The children die with the parent (`whmae.data.worker_pool.
+die_with_parent`), so a killed demo leaves no orphans.
 
 `slots=1` runs the jobs one after another in this process, with their output on the
 console (the GPU profile: one process owns the accelerator).
@@ -26,7 +26,6 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import sys
 import time
 import traceback
@@ -72,20 +71,10 @@ def _call(target: str, kwargs: dict) -> Any:
     return getattr(importlib.import_module(module), function)(**kwargs)
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies (no orphaned jobs)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _child(target: str, kwargs: dict, cores: list[int], log: str, conn, parent_pid: int) -> None:
+    from whmae.data.worker_pool import die_with_parent
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _child(target: str, kwargs: dict, cores: list[int], log: str, conn) -> None:
-    _die_with_parent()
+    die_with_parent(parent_pid)
     try:  # tqdm's default lock is a multiprocessing one, left behind by os._exit below
         import threading
 
@@ -193,7 +182,7 @@ def run_jobs(
                 log.write_text("")
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(
-                    target=_child, args=(job.target, job.kwargs, slot, str(log), send),
+                    target=_child, args=(job.target, job.kwargs, slot, str(log), send, os.getpid()),
                     name=f"whmae-{job.name}", daemon=False,
                 )  # fmt: skip
                 process.start()
