@@ -59,6 +59,44 @@ def test_chunked_attention_equals_dense_attention_with_gradients():
     assert float(jnp.abs(grads[1][1, 20:]).max()) == 0.0
 
 
+def test_chunk_rows_are_balanced():
+    """The fewest chunks of at most `chunk` rows, equal in size: padding < one row per chunk."""
+    from whmae.model.chunked_attention import chunk_rows
+
+    assert chunk_rows(1153, 256) == 231  # 5 x 231 = 1155, not 5 x 256 = 1280
+    assert chunk_rows(4609, 256) == 243
+    assert chunk_rows(512, 256) == 256 and chunk_rows(37, 64) == 37 and chunk_rows(5, 1) == 1
+    for length in (1, 7, 37, 257, 1153, 4609):
+        for chunk in (1, 8, 64, 256, 512):
+            rows = chunk_rows(length, chunk)
+            n = -(-length // rows)
+            assert rows <= min(chunk, length) and n == -(-length // min(chunk, length))
+            assert n * rows - length < n
+
+
+def test_chunked_attention_backward_copies_no_probability_chunk():
+    """The keys-major layout: the compiled backward never copies (transposes) a
+    probability-sized [B, heads, L, chunk] buffer, which the queries-major layout did for
+    p^T.dO and ds^T.q (16 % of the small benchmark step)."""
+    import re
+
+    from whmae.model.chunked_attention import chunked_attention
+
+    b, length, heads, head_dim, chunk = 1, 96, 3, 8, 32
+    q, k, v = jax.random.normal(jax.random.key(4), (3, b, length, heads, head_dim))
+
+    def loss(q, k, v):
+        return jnp.sum(chunked_attention(q, k, v, scale=0.3, chunk=chunk) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile().as_text()
+    probability = b * heads * length * chunk
+    copies = []
+    for name, dims in re.findall(r"%((?:copy|transpose)[\w.\-]*) = f32\[([\d,]+)\]", hlo):
+        if np.prod([int(d) for d in dims.split(",")]) == probability:
+            copies.append(name)
+    assert "while" in hlo and not copies, copies
+
+
 def test_mae_step_with_chunked_attention_matches_xla():
     """The whole MAE loss and its gradients: attention_impl "chunked" == "xla"."""
     from flax import nnx
