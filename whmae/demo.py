@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/demo", help="data, runs and report go here")
     parser.add_argument(
         "--profile", default="cpu", choices=sorted(PROFILES),
-        help="cpu: ~13 min on 2 cores (measured); cpu-fast: a cheaper model that learns less "
+        help="cpu: ~13-15 min on 2 cores (measured); cpu-fast: a cheaper model that learns less "
         "(measured); gpu: paper resolution, one H100/H200",
     )  # fmt: skip
     parser.add_argument("--num-exams", type=int, default=None, help="default: the profile's")

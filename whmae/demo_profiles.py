@@ -1,7 +1,8 @@
 """The demo's two profiles: one pipeline, sized for a 2-core CPU or for one big GPU.
 
-  cpu  (default) `whmae-demo`: ~13 min on 2 idle CPU cores (measured 12.8 with two runs
-       side by side, `whmae.demo_jobs`; 16.9 one at a time, `--jobs 1`).
+  cpu  (default) `whmae-demo`: ~13-15 min on 2 idle CPU cores (measured 12.8 and 14.4 on
+       two days with two runs side by side, `whmae.demo_jobs`; 16.9 one at a time,
+       `--jobs 1`).
        Small images and the tiny MAE (`configs/pretrain.py:tiny`): enough to check that
        every stage learns and to put each claim beside a control, not to reach the
        paper's figures.
