@@ -11,9 +11,9 @@ backward recomputes each chunk's probabilities from them (the FlashAttention
 recurrence, in plain jnp: one extra q.k^T per chunk), so the largest temporary is
 [B, heads, L, chunk].
 
-Layout: everything runs heads-major and keys-major, [B, heads, L_keys, chunk]: the
-backward's products p^T.dO, ds^T.q and the forward's p.v then read both operands in
-their stored order, so XLA:CPU emits no transposing copy of a probability chunk (the
+Layout: everything runs heads-major and keys-major, [B, heads, L_keys, chunk]: every
+product over a probability chunk (the backward's p^T.dO and ds^T.q, the forward's p.v)
+takes it as it is stored, so XLA:CPU emits no transposing copy of one (the
 queries-major layout spent 16 % of the small benchmark step in such copies; measured
 with `jax.profiler`, README "Against the authors' PyTorch model on CPU").
 
@@ -34,7 +34,8 @@ __all__ = ["DEFAULT_CHUNK", "chunk_rows", "chunked_attention"]
 # Most query rows per chunk: [B, 5 heads, 4609, 256] float32 is 23 MiB at the paper's
 # decoder. Forward + backward of one attention on 2 cores (2026-12-03, best of runs), at
 # most 128 / 256 / 384 / 512 rows: the small benchmark's decoder (L 1153, 3 heads of 43)
-# 26.9 / 28.7 / 32.8 / 31.8 ms, the paper's (L 4609, 5 heads of 205) 2.69 / 2.46 / 2.63 s.
+# 26.9 / 28.7 / 32.8 / 31.8 ms, the paper's (L 4609, 5 heads of 205) 2.69 / 2.46 / 2.63 s
+# (512 not run there). Differences under ~10 % are inside this machine's noise.
 DEFAULT_CHUNK = 256
 _MASKED = -1e30  # a masked key's logit: exp(_MASKED - max) is 0 without inf - inf
 
